@@ -1,0 +1,33 @@
+# make runcpu  the float32 CPU reference (C compiler only)
+# make run     the CUDA build (nvcc; runs on a Hopper GPU)
+# make test    the CPU test suite (CI runs this)
+# make asan    the CPU test suite under AddressSanitizer + UBSan
+CC ?= gcc
+NVCC ?= $(or $(shell command -v nvcc),/usr/local/cuda/bin/nvcc)
+CFLAGS = -O2 -Wall -Wextra -std=gnu11
+GPU_ARCH ?= -gencode=arch=compute_90a,code=sm_90a
+NVFLAGS = -O3 $(GPU_ARCH) -std=c++17 -Xcompiler -Wall
+KERNELS = rmsnorm.cu rope.cu matvec.cu attention.cu
+
+runcpu: run.c tokenizer.h
+	$(CC) $(CFLAGS) -fopenmp -o $@ run.c -lm
+
+run: run.c tokenizer.h kernels.h $(KERNELS) common.cuh
+	mkdir -p build
+	$(CC) $(CFLAGS) -DUSE_CUDA -I$(dir $(NVCC))../include -c run.c -o build/run.o
+	$(NVCC) $(NVFLAGS) -o $@ build/run.o $(KERNELS) -lm
+
+build/runcpu-asan: run.c tokenizer.h
+	mkdir -p build
+	$(CC) -O1 -g -Wall -Wextra -std=gnu11 -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ run.c -lm
+
+test: runcpu
+	/usr/bin/python3 tests/run_tests.py
+
+asan: build/runcpu-asan
+	RUNCPU=build/runcpu-asan ASAN_OPTIONS=detect_leaks=0 /usr/bin/python3 tests/run_tests.py
+
+clean:
+	rm -rf run runcpu build
+
+.PHONY: test asan clean

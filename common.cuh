@@ -1,0 +1,189 @@
+// common.cuh: device helpers shared by the kernels of rmsnorm.cu, rope.cu, matvec.cu and
+// attention.cu, so that the fused attention kernel runs exactly the math of the unfused chain.
+#pragma once
+#include <stdint.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include "kernels.h"
+
+// ---- element types ------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+
+// 8 consecutive elements of a row, fetched with 16-byte loads: one for bf16/fp16, two for fp32.
+template <typename T> struct Pack8 { uint4 bits; };
+template <> struct Pack8<float> { float4 lo, hi; };
+
+template <typename T>
+__device__ __forceinline__ Pack8<T> load_pack8(const T* p) {  // p 16-byte aligned
+    Pack8<T> r;
+    r.bits = __ldg(reinterpret_cast<const uint4*>(p));
+    return r;
+}
+template <>
+__device__ __forceinline__ Pack8<float> load_pack8(const float* p) {
+    Pack8<float> r;
+    r.lo = __ldg(reinterpret_cast<const float4*>(p));
+    r.hi = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    return r;
+}
+template <typename T> __device__ __forceinline__ Pack8<T> zero_pack8() { Pack8<T> r; r.bits = make_uint4(0, 0, 0, 0); return r; }
+template <> __device__ __forceinline__ Pack8<float> zero_pack8() {
+    Pack8<float> r; r.lo = r.hi = make_float4(0.f, 0.f, 0.f, 0.f); return r;
+}
+
+__device__ __forceinline__ void unpack8(const Pack8<float>& p, float f[8]) {
+    f[0] = p.lo.x; f[1] = p.lo.y; f[2] = p.lo.z; f[3] = p.lo.w;
+    f[4] = p.hi.x; f[5] = p.hi.y; f[6] = p.hi.z; f[7] = p.hi.w;
+}
+__device__ __forceinline__ void unpack8(const Pack8<__nv_bfloat16>& p, float f[8]) {
+    const uint32_t w[4] = {p.bits.x, p.bits.y, p.bits.z, p.bits.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {  // bf16 is the top half of an fp32: a shift or a mask converts it
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void unpack8(const Pack8<__half>& p, float f[8]) {
+    const uint32_t w[4] = {p.bits.x, p.bits.y, p.bits.z, p.bits.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+    }
+}
+
+// ---- reductions ---------------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32); every thread gets the total. Safe to call
+// repeatedly: the trailing barrier keeps the next call from overwriting partials still being read.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float warp_partials[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+    v = warp_sum(v);
+    if (lane == 0) warp_partials[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+    for (int w = 0; w < n_warps; w++) total += warp_partials[w];
+    __syncthreads();
+    return total;
+}
+
+// ---- matrix-vector rows -------------------------------------------------------------------------
+
+// One warp computes dot(w[row_i], x) for NROWS rows at once (swiglu: gate and up), all lanes get the
+// sums. x (cols) may live in global or shared memory. Vector path (vec: cols % 8 == 0, w and x
+// 16-byte aligned): lane l reads elements [8l, 8l+8) of every 256-element stretch, so a warp reads
+// 512 contiguous bytes of a bf16 row per load; UNROLL stretches are loaded before any is used to
+// keep 64 bytes (bf16/fp16) per lane and row in flight.
+template <typename W, int NROWS>
+__device__ __forceinline__ void warp_dot_rows(float sums[NROWS], const W* const rows[NROWS],
+                                              const float* x, int cols, bool vec) {
+    constexpr int UNROLL = sizeof(W) == 4 ? 2 : 4;  // same bytes in flight for every dtype
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int r = 0; r < NROWS; r++) sums[r] = 0.f;
+    if (vec) {
+        for (int c0 = lane * 8; c0 < cols; c0 += 256 * UNROLL) {
+            Pack8<W> packs[UNROLL][NROWS];
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++)
+#pragma unroll
+                for (int r = 0; r < NROWS; r++)
+                    packs[u][r] = c0 + 256 * u < cols ? load_pack8(rows[r] + c0 + 256 * u) : zero_pack8<W>();
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                const int c = c0 + 256 * u;
+                if (c >= cols) break;
+                const float4 xa = *reinterpret_cast<const float4*>(x + c);
+                const float4 xb = *reinterpret_cast<const float4*>(x + c + 4);
+                const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+                for (int r = 0; r < NROWS; r++) {
+                    float wv[8];
+                    unpack8(packs[u][r], wv);
+#pragma unroll
+                    for (int i = 0; i < 8; i++) sums[r] = fmaf(wv[i], xv[i], sums[r]);
+                }
+            }
+        }
+    } else {
+        for (int c = lane; c < cols; c += 32) {
+            const float xc = x[c];
+#pragma unroll
+            for (int r = 0; r < NROWS; r++) sums[r] = fmaf(to_float(rows[r][c]), xc, sums[r]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < NROWS; r++) sums[r] = warp_sum(sums[r]);
+}
+
+__host__ __device__ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// ---- per-head q_norm/k_norm + RoPE + cache store ------------------------------------------------
+
+// One warp: x (head_dim) is RMS-normalised with `norm` (NULL: Qwen2, no norm), rotated by NeoX RoPE at
+// position pos, written back in place, and, when cache_row is not NULL, stored there as x / cache_scale.
+// inv_freq follows transformers: 1 / theta^(float(2i)/hd) in fp32; pow is evaluated in double and
+// rounded once, i.e. a correctly rounded powf, which is what the CPU float pow gives torch.
+template <typename KV>
+__device__ __forceinline__ void norm_rope_head(float* x, const float* norm, int head_dim, int pos,
+                                               float theta, float eps, KV* cache_row, float cache_scale) {
+    const int lane = threadIdx.x % 32, half = head_dim / 2;
+    float inv_rms = 1.f;
+    if (norm) {
+        float ss = 0.f;
+        for (int i = lane; i < head_dim; i += 32) ss = fmaf(x[i], x[i], ss);
+        inv_rms = rsqrtf(warp_sum(ss) / head_dim + eps);
+    }
+    for (int i = lane; i < half; i += 32) {
+        float a = x[i] * inv_rms, b = x[i + half] * inv_rms;
+        if (norm) { a *= norm[i]; b *= norm[i + half]; }
+        const float inv_freq = 1.f / (float)pow((double)theta, (double)((float)(2 * i) / (float)head_dim));
+        float s, c;
+        sincosf((float)pos * inv_freq, &s, &c);
+        const float ra = a * c - b * s, rb = b * c + a * s;
+        x[i] = ra;
+        x[i + half] = rb;
+        if (cache_row) {
+            cache_row[i] = from_float<KV>(ra / cache_scale);
+            cache_row[i + half] = from_float<KV>(rb / cache_scale);
+        }
+    }
+}
+
+// One warp copies a row of n floats into the cache dtype.
+template <typename KV>
+__device__ __forceinline__ void store_row(KV* dst, const float* src, int n) {
+    for (int i = threadIdx.x % 32; i < n; i += 32) dst[i] = from_float<KV>(src[i]);
+}
+
+// Heads of q then heads of k, one warp each: head < n_heads is query head `head`, the rest are KV
+// heads, which also store their k and v rows at cache row pos. qkv = [q (n_heads,hd) | k | v].
+template <typename KV>
+__device__ __forceinline__ void qk_norm_rope_head(int head, float* q, float* k, const float* v,
+                                                  const float* q_norm, const float* k_norm, float k_scale,
+                                                  KV* k_cache, KV* v_cache, int pos, int n_heads,
+                                                  int n_kv_heads, int head_dim, float theta, float eps) {
+    if (head < n_heads) {
+        norm_rope_head<KV>(q + (size_t)head * head_dim, q_norm, head_dim, pos, theta, eps, nullptr, 1.f);
+    } else {
+        const int kvh = head - n_heads;
+        const size_t row = ((size_t)pos * n_kv_heads + kvh) * head_dim;
+        norm_rope_head<KV>(k + (size_t)kvh * head_dim, k_norm, head_dim, pos, theta, eps, k_cache + row, k_scale);
+        store_row<KV>(v_cache + row, v + (size_t)kvh * head_dim, head_dim);
+    }
+}

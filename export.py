@@ -1,0 +1,256 @@
+"""Export a Hugging Face Qwen3 (or Qwen2/Qwen2.5) model folder to one flat checkpoint for run.c.
+
+    python3 export.py MODEL_DIR model.bin [--dtype bf16|fp16|fp32]
+    python3 export.py --tokenizer tokenizer.json tokenizer.bin
+
+Reads config.json and the safetensors files itself (numpy only: no torch, no safetensors package),
+one tensor at a time, so peak memory stays near the largest tensor. The layout is in README.md.
+"""
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+
+import numpy as np
+
+MAGIC = 0x334E5751  # b"QWN3" little-endian
+VERSION = 1
+HEADER_BYTES = 256
+ALIGN = 256
+DTYPES = {"fp32": 0, "bf16": 1, "fp16": 2}  # int8 = 3 is reserved for a later version
+FLAG_TIED, FLAG_QK_NORM, FLAG_QKV_BIAS = 1, 2, 4
+K_LIMIT = 4096.0  # cached K is kept below this magnitude (fp16's max is 65504)
+
+
+class ExportError(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors reading
+
+def bf16_to_f32(u16):
+    return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def to_f32(arr, src_dtype):
+    return bf16_to_f32(np.asarray(arr)) if src_dtype == "BF16" else np.asarray(arr, dtype=np.float32)
+
+
+def f32_to_bf16(x):
+    """Round to nearest even, as torch's .to(torch.bfloat16) does."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+class SafeTensors:
+    """The tensors of every *.safetensors file of a folder, mapped, never loaded whole."""
+
+    RAW = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
+
+    def __init__(self, folder):
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.exists(index):
+            files = sorted(set(json.load(open(index))["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        self.tensors = {}
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.exists(path):
+                raise ExportError(f"{path}: missing safetensors file")
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ExportError(f"{path}: truncated safetensors header")
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8:
+                    raise ExportError(f"{path}: header length {n} exceeds the file")
+                meta = json.loads(f.read(n))
+            for key, info in meta.items():
+                if key == "__metadata__":
+                    continue
+                dtype = info["dtype"]
+                if dtype not in self.RAW:
+                    raise ExportError(f"{key}: unsupported dtype {dtype}")
+                start, end = info["data_offsets"]
+                count = math.prod(info["shape"])
+                if end - start != count * np.dtype(self.RAW[dtype]).itemsize or 8 + n + end > size:
+                    raise ExportError(f"{key}: data offsets disagree with its shape or the file size")
+                self.tensors[key] = (path, 8 + n + start, dtype, tuple(info["shape"]))
+
+    def get(self, key, shape):
+        """The tensor as a float32-convertible array mapped from disk, checked against shape."""
+        if key not in self.tensors:
+            raise ExportError(f"missing tensor {key}")
+        path, offset, dtype, stored = self.tensors[key]
+        if stored != tuple(shape):
+            raise ExportError(f"{key}: shape {list(stored)} disagrees with the config's {list(shape)}")
+        return np.memmap(path, dtype=self.RAW[dtype], mode="r", offset=offset, shape=stored), dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+def read_config(folder):
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise ExportError(f"{path}: missing")
+    c = json.load(open(path))
+    arch = (c.get("architectures") or [""])[0]
+    if arch not in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):
+        raise ExportError(f"unsupported architecture {arch!r} (Qwen3ForCausalLM or Qwen2ForCausalLM)")
+    qwen3 = arch == "Qwen3ForCausalLM"
+    rope = c.get("rope_parameters") or {}
+    theta = c.get("rope_theta", rope.get("rope_theta"))
+    scaling = c.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type", "default")) != "default" or \
+            rope.get("rope_type", "default") != "default":
+        raise ExportError("rope scaling is not supported")
+    if c.get("use_sliding_window"):
+        raise ExportError("sliding-window attention is not supported")
+    n_heads = c["num_attention_heads"]
+    cfg = dict(
+        dim=c["hidden_size"], hidden_dim=c["intermediate_size"], n_layers=c["num_hidden_layers"],
+        n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads", n_heads),
+        head_dim=c.get("head_dim") or c["hidden_size"] // n_heads, vocab_size=c["vocab_size"],
+        max_seq_len=c["max_position_embeddings"], rope_theta=float(theta), eps=float(c["rms_norm_eps"]),
+        tied=bool(c.get("tie_word_embeddings", False)), qk_norm=qwen3,
+        bias=(not qwen3) or bool(c.get("attention_bias", False)),
+        source_dtype=c.get("dtype", c.get("torch_dtype", "float32")),
+    )
+    for key in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size",
+                "max_seq_len"):
+        if not isinstance(cfg[key], int) or not 0 < cfg[key] < 2**31:
+            raise ExportError(f"config: {key} = {cfg[key]!r} is out of range")
+    if cfg["n_heads"] % cfg["n_kv_heads"] or cfg["head_dim"] % 2:
+        raise ExportError("config: n_heads must be a multiple of n_kv_heads and head_dim even")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+class Writer:
+    def __init__(self, f, out_dtype):
+        self.f, self.out_dtype = f, out_dtype
+
+    def align(self):
+        pad = -self.f.tell() % ALIGN
+        self.f.write(b"\0" * pad)
+
+    def rows(self, name, arr, src_dtype, as_f32=False):
+        """Append arr converted to the output dtype (or float32), about 32 MB at a time."""
+        arr = arr.reshape(arr.shape[0] if arr.ndim > 1 else 1, -1)
+        step = max(1, (32 << 20) // (4 * arr.shape[1]))
+        dt = "fp32" if as_f32 else self.out_dtype
+        for i in range(0, arr.shape[0], step):
+            x = to_f32(arr[i:i + step], src_dtype)
+            if not np.all(np.isfinite(x)):
+                raise ExportError(f"{name}: holds inf or NaN")
+            if dt == "fp32":
+                self.f.write(x.tobytes())
+            elif dt == "bf16":
+                self.f.write(f32_to_bf16(x).tobytes())
+            else:
+                if np.abs(x).max(initial=0) > 65504:
+                    raise ExportError(f"{name}: values beyond fp16's range; export as bf16")
+                self.f.write(x.astype(np.float16).tobytes())
+
+
+def k_scale_for(k_norm_weight, head_dim):
+    """The power of two that keeps cached K = k / k_scale below K_LIMIT in magnitude.
+    After k_norm, |k_i| <= |w_i| * sqrt(head_dim); RoPE mixes pairs, which adds at most sqrt(2)."""
+    bound = float(np.abs(k_norm_weight).max()) * math.sqrt(head_dim) * math.sqrt(2)
+    return 2.0 ** max(0, math.ceil(math.log2(bound / K_LIMIT))) if bound > 0 else 1.0
+
+
+def export_model(folder, out_path, out_dtype=None):
+    cfg = read_config(folder)
+    st = SafeTensors(folder)
+    if out_dtype is None:
+        out_dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(cfg["source_dtype"], "fp32")
+    D, H, L, hd = cfg["dim"], cfg["hidden_dim"], cfg["n_layers"], cfg["head_dim"]
+    nq, nkv = cfg["n_heads"] * hd, cfg["n_kv_heads"] * hd
+    layer = lambda i, s: f"model.layers.{i}.{s}"
+
+    flags = (FLAG_TIED if cfg["tied"] else 0) | (FLAG_QK_NORM if cfg["qk_norm"] else 0) | \
+            (FLAG_QKV_BIAS if cfg["bias"] else 0)
+    # The tensors in file order: (name, [(key, shape), ...] stacked in that order, float32?)
+    groups = [("embedding", [("model.embed_tokens.weight", (cfg["vocab_size"], D))], False),
+              ("rms_att", [(layer(i, "input_layernorm.weight"), (D,)) for i in range(L)], True),
+              ("rms_ffn", [(layer(i, "post_attention_layernorm.weight"), (D,)) for i in range(L)], True)]
+    if cfg["qk_norm"]:
+        groups += [("q_norm", [(layer(i, "self_attn.q_norm.weight"), (hd,)) for i in range(L)], True),
+                   ("k_norm", [(layer(i, "self_attn.k_norm.weight"), (hd,)) for i in range(L)], True)]
+    groups.append(("k_scale", None, True))
+    if cfg["bias"]:
+        groups.append(("bqkv", [(layer(i, f"self_attn.{p}_proj.bias"), (n,)) for i in range(L)
+                                for p, n in (("q", nq), ("k", nkv), ("v", nkv))], True))
+    groups += [
+        ("wqkv", [(layer(i, f"self_attn.{p}_proj.weight"), (n, D)) for i in range(L)
+                  for p, n in (("q", nq), ("k", nkv), ("v", nkv))], False),
+        ("wo", [(layer(i, "self_attn.o_proj.weight"), (D, nq)) for i in range(L)], False),
+        ("w_gate_up", [(layer(i, f"mlp.{p}_proj.weight"), (H, D)) for i in range(L)
+                       for p in ("gate", "up")], False),
+        ("w_down", [(layer(i, "mlp.down_proj.weight"), (D, H)) for i in range(L)], False),
+        ("rms_final", [("model.norm.weight", (D,))], True)]
+    if not cfg["tied"]:
+        groups.append(("lm_head", [("lm_head.weight", (cfg["vocab_size"], D))], False))
+    for _, parts, _ in groups:  # every tensor must exist with its shape before anything is written
+        for key, shape in parts or []:
+            st.get(key, shape)
+
+    tmp = out_path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(b"\0" * HEADER_BYTES)
+            w = Writer(f, out_dtype)
+            for name, parts, as_f32 in groups:
+                w.align()
+                print(f"export: {name}", file=sys.stderr)
+                if name == "k_scale":
+                    scales = [k_scale_for(to_f32(*st.get(layer(i, "self_attn.k_norm.weight"), (hd,))), hd)
+                              if cfg["qk_norm"] else 1.0 for i in range(L)]
+                    f.write(np.array(scales, dtype=np.float32).tobytes())
+                    continue
+                for key, shape in parts:
+                    arr, src = st.get(key, shape)
+                    w.rows(key, arr, src, as_f32)
+            w.align()
+            size = f.tell()
+            f.seek(0)
+            f.write(struct.pack("<II8iffIIQ", MAGIC, VERSION, D, H, L, cfg["n_heads"], cfg["n_kv_heads"],
+                                hd, cfg["vocab_size"], cfg["max_seq_len"], cfg["rope_theta"], cfg["eps"],
+                                DTYPES[out_dtype], flags, size))
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    print(f"export: wrote {out_path} ({size / 1e6:.1f} MB, {out_dtype})", file=sys.stderr)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("source", help="Hugging Face model folder (or tokenizer.json with --tokenizer)")
+    ap.add_argument("output")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the model's own)")
+    ap.add_argument("--tokenizer", action="store_true", help="export tokenizer.json to tokenizer.bin")
+    args = ap.parse_args()
+    try:
+        if args.tokenizer:
+            export_tokenizer(args.source, args.output)
+        else:
+            export_model(args.source, args.output, args.dtype)
+    except (ExportError, OSError, KeyError, ValueError) as e:
+        msg = f"missing config key {e}" if isinstance(e, KeyError) else str(e)
+        print(f"error: export: {msg}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

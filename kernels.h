@@ -1,0 +1,76 @@
+// kernels.h: the CUDA launchers that run.c calls, one per operation. Every pointer is device
+// memory; every launcher is asynchronous on `stream` and checks its own launch. Activations are
+// float32; weights are stored in the checkpoint's dtype (DT_*), the KV cache in bf16 or fp16.
+#pragma once
+#include <stdio.h>
+#include <stdlib.h>
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };  // same codes as the checkpoint header
+
+#define CUDA_CHECK(call) do { cudaError_t e_ = (call); if (e_ != cudaSuccess) { \
+    fprintf(stderr, "error: CUDA: %s (%s:%d)\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+    exit(1); } } while (0)
+
+// rmsnorm.cu: out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * weight, for n rows of dim values
+void rmsnorm_gpu(float* out, const float* x, const float* weight, int n, int dim, float eps,
+                 cudaStream_t stream);
+
+// rope.cu: per-head q_norm/k_norm (skipped when the norm pointers are NULL, as in Qwen2) then
+// NeoX RoPE at position *pos, in place on q (n_heads, head_dim) and k (n_kv_heads, head_dim);
+// then k / k_scale and v are stored to the caches at row *pos, (seq_len, n_kv_heads, head_dim).
+void qk_norm_rope_gpu(float* q, float* k, const float* v, const float* q_norm, const float* k_norm,
+                      float k_scale, void* k_cache, void* v_cache, int kv_dtype, const int* pos,
+                      int n_heads, int n_kv_heads, int head_dim, float theta, float eps,
+                      cudaStream_t stream);
+
+// matvec.cu: out[r] (+)= dot(w[r], x) + bias[r] for r < rows; w is (rows, cols) of wdtype;
+// bias may be NULL; accumulate adds into out (the residual add).
+void matvec_gpu(float* out, const void* w, int wdtype, const float* x, const float* bias,
+                int rows, int cols, int accumulate, cudaStream_t stream);
+// h[i] = silu(dot(w[i], x)) * dot(w[hidden + i], x): the gate rows then the up rows of w_gate_up
+void swiglu_matvec_gpu(float* h, const void* w_gate_up, int wdtype, const float* x,
+                       int hidden, int dim, cudaStream_t stream);
+// x = embedding[*token]
+void embed_gpu(float* x, const void* embedding, int wdtype, const int* token, int dim,
+               cudaStream_t stream);
+// *out = argmax(logits[0..n)), the lowest index on ties
+void argmax_gpu(int* out, const float* logits, int n, cudaStream_t stream);
+
+// attention.cu, unfused: out (n_heads, head_dim) = softmax(q . K^T * scale) V over cache rows
+// 0..*pos, query head h reading KV head h / (n_heads / n_kv_heads). scale = k_scale / sqrt(hd).
+// scratch holds the flash-decoding partials: attention_scratch_floats() floats.
+size_t attention_scratch_floats(int n_heads, int head_dim, int seq_len);
+void attention_gpu(float* out, const float* q, const void* k_cache, const void* v_cache,
+                   int kv_dtype, const int* pos, int n_heads, int n_kv_heads, int head_dim,
+                   int seq_len, float scale, float* scratch, cudaStream_t stream);
+
+// attention.cu, fused: the whole attention half of a layer in one kernel,
+// x += o_proj(attention(rope(qk_norm(qkv(rmsnorm(x))))))
+typedef struct {
+    float* x;               // (dim) residual stream, updated in place
+    const float* rms_att;   // (dim)
+    const void* wqkv;       // (n_heads*head_dim + 2*n_kv_heads*head_dim, dim), wdtype
+    const float* bqkv;      // (n_heads*head_dim + 2*n_kv_heads*head_dim) or NULL
+    const float* q_norm;    // (head_dim) or NULL
+    const float* k_norm;    // (head_dim) or NULL
+    float k_scale;          // K is cached as k / k_scale
+    const void* wo;         // (dim, n_heads*head_dim), wdtype
+    void* k_cache;          // (seq_len, n_kv_heads, head_dim), kv_dtype
+    void* v_cache;          // (seq_len, n_kv_heads, head_dim), kv_dtype
+    const int* pos;         // position of the token being decoded
+    float* qkv;             // scratch (n_heads*head_dim + 2*n_kv_heads*head_dim)
+    float* att;             // scratch (n_heads*head_dim)
+    float* scratch;         // attention_scratch_floats() floats
+    int dim, n_heads, n_kv_heads, head_dim, seq_len, wdtype, kv_dtype;
+    float theta, eps;
+} AttentionLayer;
+void attention_fused_gpu(const AttentionLayer* layer, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,215 @@
+// matmul.cu: the prefill matrix products, out (T, rows) (+)= x (T, cols) . w (rows, cols)^T + bias,
+// on the tensor cores (mma.sync m16n8k16, fp32 accumulation), and the batched SwiGLU gate.
+// Both operands are k-major (x rows and w rows are contiguous in k), which is exactly the
+// row.col layout of mma.sync, so neither needs a transpose.
+#include "common.cuh"
+#include "prefill.h"
+#include "tensor_core.cuh"
+
+// Block tile 128 tokens x 128 weight rows x 64 k, 8 warps as 2 (tokens) x 4 (rows), each warp
+// 64 x 32 (4 x 4 mma tiles, 64 fp32 accumulators per thread). 3 stages: the weight tile of stage
+// kt+2 streams in with cp.async while kt computes; the fp32 activation tile is loaded to registers
+// one step ahead and rounded to 16 bits on its way into shared memory.
+constexpr int MM_BM = 128, MM_BN = 128, MM_BK = 64, MM_STAGES = 3, MM_THREADS = 256;
+constexpr int MM_CHUNKS = MM_BK / 8;                                  // 16-byte chunks per tile row
+constexpr int MM_STAGE_CHUNKS = (MM_BM + MM_BN) * MM_CHUNKS;          // A tile then B tile
+constexpr int MM_LOADS = MM_BM * MM_CHUNKS / MM_THREADS;              // chunks per thread per tile (4)
+constexpr size_t MM_SMEM = (size_t)MM_STAGES * MM_STAGE_CHUNKS * 16;  // 96 KB
+
+// out (n_tokens, rows) (+)= x (n_tokens, cols) fp32 . w (rows, cols)^T of T + bias (rows) or NULL.
+// Grid (token tiles, row tiles): consecutive blocks share a weight tile, so the LM head's weights
+// stream from DRAM once. cols % 8 == 0: a 16-byte chunk is entirely inside or outside the matrix.
+template <typename T>
+__global__ void __launch_bounds__(MM_THREADS) matmul_tc_kernel(float* out, const T* w, const float* x,
+                                                             const float* bias, int n_tokens, int rows,
+                                                             int cols, int accumulate) {
+    extern __shared__ uint4 mm_smem[];
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int m0 = blockIdx.x * MM_BM, n0 = blockIdx.y * MM_BN;
+    const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
+    const int k_tiles = (cols + MM_BK - 1) / MM_BK;
+
+    float4 a_next[MM_LOADS][2];  // the next activation tile, 8 floats per chunk
+    auto load_a = [&](int kt) {
+#pragma unroll
+        for (int i = 0; i < MM_LOADS; i++) {
+            const int id = tid + i * MM_THREADS, r = id / MM_CHUNKS, ch = id % MM_CHUNKS;
+            const int t = m0 + r, k = kt * MM_BK + ch * 8;
+            if (t < n_tokens && k < cols) {
+                const float4* p = reinterpret_cast<const float4*>(x + (size_t)t * cols + k);
+                a_next[i][0] = __ldg(p);
+                a_next[i][1] = __ldg(p + 1);
+            } else {
+                a_next[i][0] = a_next[i][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+        }
+    };
+    auto store_a = [&](int stage) {
+        uint4* sa = mm_smem + stage * MM_STAGE_CHUNKS;
+#pragma unroll
+        for (int i = 0; i < MM_LOADS; i++) {
+            const int id = tid + i * MM_THREADS, r = id / MM_CHUNKS, ch = id % MM_CHUNKS;
+            sa[swizzle(r, ch, MM_CHUNKS)] = pack8<T>(a_next[i][0], a_next[i][1]);
+        }
+    };
+    auto load_b = [&](int kt, int stage) {
+        uint4* sb = mm_smem + stage * MM_STAGE_CHUNKS + MM_BM * MM_CHUNKS;
+#pragma unroll
+        for (int i = 0; i < MM_LOADS; i++) {
+            const int id = tid + i * MM_THREADS, r = id / MM_CHUNKS, ch = id % MM_CHUNKS;
+            const int n = n0 + r, k = kt * MM_BK + ch * 8;
+            const bool valid = n < rows && k < cols;
+            cp_async16(&sb[swizzle(r, ch, MM_CHUNKS)], valid ? w + (size_t)n * cols + k : w, valid);
+        }
+    };
+
+    float acc[4][4][4] = {};
+    // prologue: stages 0 .. MM_STAGES-2; one commit group per k tile, empty ones included, so that
+    // "all but the newest MM_STAGES-2 groups done" always means "tile kt has landed"
+#pragma unroll
+    for (int s = 0; s < MM_STAGES - 1; s++) {
+        if (s < k_tiles) {
+            load_b(s, s);
+            load_a(s);
+            store_a(s);
+        }
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < k_tiles; kt++) {
+        cp_async_wait<MM_STAGES - 2>();
+        __syncthreads();  // tile kt visible to all; stage (kt-1) % MM_STAGES free for reuse
+        const int next = kt + MM_STAGES - 1;
+        if (next < k_tiles) {
+            load_b(next, next % MM_STAGES);
+            load_a(next);
+        }
+        cp_async_commit();
+
+        const uint4* sa = mm_smem + (kt % MM_STAGES) * MM_STAGE_CHUNKS;
+        const uint4* sb = sa + MM_BM * MM_CHUNKS;
+#pragma unroll
+        for (int ks = 0; ks < MM_BK / 16; ks++) {
+            uint32_t af[4][4], bf[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++)
+                ldmatrix_x4(af[mi], &sa[swizzle(wm + mi * 16 + lane % 16, ks * 2 + lane / 16, MM_CHUNKS)]);
+#pragma unroll
+            for (int nj = 0; nj < 2; nj++) {
+                uint32_t b[4];
+                ldmatrix_x4(b, &sb[swizzle(wn + nj * 16 + lane % 8 + (lane / 16) * 8, ks * 2 + (lane / 8) % 2, MM_CHUNKS)]);
+                bf[2 * nj][0] = b[0]; bf[2 * nj][1] = b[1];
+                bf[2 * nj + 1][0] = b[2]; bf[2 * nj + 1][1] = b[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++) mma_16816<T>(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+        }
+        if (next < k_tiles) store_a(next % MM_STAGES);
+    }
+
+    // epilogue: each thread holds column pairs (r, r+1); rows % 8 == 0 keeps a pair inside or outside
+#pragma unroll
+    for (int ni = 0; ni < 4; ni++) {
+        const int r = n0 + wn + ni * 8 + (lane % 4) * 2;
+        if (r >= rows) continue;
+        const float2 b = bias ? make_float2(bias[r], bias[r + 1]) : make_float2(0.f, 0.f);
+#pragma unroll
+        for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int t = m0 + wm + mi * 16 + lane / 4 + h * 8;
+                if (t >= n_tokens) continue;
+                float2* o = reinterpret_cast<float2*>(out + (size_t)t * rows + r);
+                float2 v = make_float2(acc[mi][ni][2 * h] + b.x, acc[mi][ni][2 * h + 1] + b.y);
+                if (accumulate) { const float2 prev = *o; v.x += prev.x; v.y += prev.y; }
+                *o = v;
+            }
+    }
+}
+
+// fp32 weights: a plain shared-memory tiled product on the CUDA cores (correct, not tuned).
+// Block (16, 16): threadIdx.x walks weight rows, threadIdx.y tokens.
+constexpr int MM_F32_TILE = 16;
+__global__ void matmul_f32_kernel(float* out, const float* w, const float* x, const float* bias,
+                                  int n_tokens, int rows, int cols, int accumulate) {
+    __shared__ float xs[MM_F32_TILE][MM_F32_TILE + 1], ws[MM_F32_TILE][MM_F32_TILE + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int r = blockIdx.x * MM_F32_TILE + tx, t = blockIdx.y * MM_F32_TILE + ty;
+    float sum = 0.f;
+    for (int k0 = 0; k0 < cols; k0 += MM_F32_TILE) {
+        const int xt = blockIdx.y * MM_F32_TILE + ty, wr = blockIdx.x * MM_F32_TILE + ty;
+        xs[ty][tx] = xt < n_tokens && k0 + tx < cols ? x[(size_t)xt * cols + k0 + tx] : 0.f;
+        ws[ty][tx] = wr < rows && k0 + tx < cols ? w[(size_t)wr * cols + k0 + tx] : 0.f;
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < MM_F32_TILE; k++) sum = fmaf(xs[ty][k], ws[tx][k], sum);
+        __syncthreads();
+    }
+    if (t < n_tokens && r < rows) {
+        float* o = out + (size_t)t * rows + r;
+        const float v = sum + (bias ? bias[r] : 0.f);
+        *o = accumulate ? *o + v : v;
+    }
+}
+
+template <typename T>
+static void launch_matmul_tc(float* out, const void* w, const float* x, const float* bias, int n_tokens,
+                             int rows, int cols, int accumulate, cudaStream_t stream) {
+    static bool configured = false;  // the > 48 KB shared-memory opt-in, once per instantiation
+    if (!configured) {
+        CUDA_CHECK(cudaFuncSetAttribute(matmul_tc_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)MM_SMEM));
+        configured = true;
+    }
+    const dim3 grid((n_tokens + MM_BM - 1) / MM_BM, (rows + MM_BN - 1) / MM_BN);
+    matmul_tc_kernel<T><<<grid, MM_THREADS, MM_SMEM, stream>>>(out, (const T*)w, x, bias, n_tokens, rows,
+                                                                cols, accumulate);
+}
+
+extern "C" void matmul_gpu(float* out, const void* w, int wdtype, const float* x, const float* bias,
+                           int n_tokens, int rows, int cols, int accumulate, cudaStream_t stream) {
+    if (n_tokens < 1 || rows < 8 || rows % 8 || cols < 8 || cols % 8 || !aligned16(w) || !aligned16(x)) {
+        fprintf(stderr, "error: matmul_gpu: need n_tokens >= 1, rows and cols multiples of 8, 16-byte aligned "
+                        "w and x (got %d, %d, %d)\n", n_tokens, rows, cols);
+        exit(1);
+    }
+    if (wdtype == DT_BF16) {
+        launch_matmul_tc<__nv_bfloat16>(out, w, x, bias, n_tokens, rows, cols, accumulate, stream);
+    } else if (wdtype == DT_F16) {
+        launch_matmul_tc<__half>(out, w, x, bias, n_tokens, rows, cols, accumulate, stream);
+    } else if (wdtype == DT_F32) {
+        const dim3 grid((rows + MM_F32_TILE - 1) / MM_F32_TILE, (n_tokens + MM_F32_TILE - 1) / MM_F32_TILE);
+        matmul_f32_kernel<<<grid, dim3(MM_F32_TILE, MM_F32_TILE), 0, stream>>>(out, (const float*)w, x, bias,
+                                                                               n_tokens, rows, cols, accumulate);
+    } else {
+        fprintf(stderr, "error: matmul_gpu: unknown weight dtype %d\n", wdtype);
+        exit(1);
+    }
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// h (n_tokens, hidden) = silu(gate) * up, gate_up (n_tokens, 2*hidden) = [gate | up] per token.
+// One thread per 4 outputs (hidden % 4 == 0): 16-byte loads and stores.
+__global__ void swiglu_kernel(float* h, const float* gate_up, int n_tokens, int hidden) {
+    const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (i >= (size_t)n_tokens * hidden) return;
+    const size_t t = i / hidden, j = i % hidden;
+    const float4 g = *reinterpret_cast<const float4*>(gate_up + t * 2 * hidden + j);
+    const float4 u = *reinterpret_cast<const float4*>(gate_up + t * 2 * hidden + hidden + j);
+    float4 r;
+    r.x = g.x / (1.f + expf(-g.x)) * u.x;
+    r.y = g.y / (1.f + expf(-g.y)) * u.y;
+    r.z = g.z / (1.f + expf(-g.z)) * u.z;
+    r.w = g.w / (1.f + expf(-g.w)) * u.w;
+    *reinterpret_cast<float4*>(h + i) = r;
+}
+
+extern "C" void swiglu_gpu(float* h, const float* gate_up, int n_tokens, int hidden, cudaStream_t stream) {
+    if (hidden % 4 || !aligned16(h) || !aligned16(gate_up)) {
+        fprintf(stderr, "error: swiglu_gpu: hidden %d is not a multiple of 4, or unaligned buffers\n", hidden);
+        exit(1);
+    }
+    const size_t threads = (size_t)n_tokens * hidden / 4;
+    swiglu_kernel<<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>(h, gate_up, n_tokens, hidden);
+    CUDA_CHECK(cudaGetLastError());
+}

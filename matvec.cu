@@ -1,0 +1,142 @@
+// matvec.cu: weight-streaming matrix-vector products (one warp per output row), the embedding
+// lookup and argmax. Decoding one token is bound by reading the weights once, so every kernel
+// here is written around 16-byte coalesced weight loads with several in flight per lane.
+#include <float.h>
+#include <limits.h>
+#include "common.cuh"
+
+constexpr int MATVEC_WARPS = 8;  // rows per block; 151936 LM-head rows -> 18992 blocks on 132 SMs
+
+// out (rows) (+)= w (rows, cols) . x (cols) + bias (rows, or NULL)
+template <typename W>
+__global__ void matvec_kernel(float* out, const W* w, const float* x, const float* bias, int rows,
+                              int cols, int accumulate, bool vec) {
+    const int row = blockIdx.x * MATVEC_WARPS + threadIdx.x / 32;
+    if (row >= rows) return;
+    const W* row_ptr[1] = {w + (size_t)row * cols};
+    float dot[1];
+    warp_dot_rows<W, 1>(dot, row_ptr, x, cols, vec);
+    if (threadIdx.x % 32 == 0) {
+        const float b = bias ? bias[row] : 0.f;
+        out[row] = accumulate ? out[row] + dot[0] + b : dot[0] + b;
+    }
+}
+
+// h (hidden) = silu(gate . x) * (up . x); w_gate_up (2*hidden, dim): gate rows, then up rows.
+// One warp reads its gate row and its up row together.
+template <typename W>
+__global__ void swiglu_matvec_kernel(float* h, const W* w_gate_up, const float* x, int hidden, int dim,
+                                     bool vec) {
+    const int i = blockIdx.x * MATVEC_WARPS + threadIdx.x / 32;
+    if (i >= hidden) return;
+    const W* row_ptr[2] = {w_gate_up + (size_t)i * dim, w_gate_up + ((size_t)hidden + i) * dim};
+    float dot[2];
+    warp_dot_rows<W, 2>(dot, row_ptr, x, dim, vec);
+    if (threadIdx.x % 32 == 0) h[i] = dot[0] / (1.f + expf(-dot[0])) * dot[1];
+}
+
+// x (dim) = embedding (vocab, dim) row *token
+template <typename W>
+__global__ void embed_kernel(float* x, const W* embedding, const int* token, int dim) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < dim) x[i] = to_float(embedding[(size_t)(*token) * dim + i]);
+}
+
+// argmax in two passes: ARGMAX_BLOCKS block maxima into these buffers, then one block over them.
+// The buffers are module state: argmax calls must not run concurrently on different streams.
+constexpr int ARGMAX_BLOCKS = 264, ARGMAX_THREADS = 1024;
+__device__ float argmax_block_value[ARGMAX_BLOCKS];
+__device__ int argmax_block_index[ARGMAX_BLOCKS];
+
+// Block-wide (value, index) max, lowest index on ties; the result is valid in thread 0.
+__device__ void block_argmax(float& v, int& idx) {
+    __shared__ float values[32];
+    __shared__ int indices[32];
+    auto better = [](float va, int ia, float vb, int ib) { return va > vb || (va == vb && ia < ib); };
+    for (int o = 16; o > 0; o >>= 1) {
+        const float vo = __shfl_xor_sync(0xffffffffu, v, o);
+        const int io = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (better(vo, io, v, idx)) { v = vo; idx = io; }
+    }
+    if (threadIdx.x % 32 == 0) { values[threadIdx.x / 32] = v; indices[threadIdx.x / 32] = idx; }
+    __syncthreads();
+    if (threadIdx.x == 0)
+        for (int w = 1; w < blockDim.x / 32; w++)
+            if (better(values[w], indices[w], v, idx)) { v = values[w]; idx = indices[w]; }
+}
+
+__global__ void argmax_blocks_kernel(const float* logits, int n) {
+    float v = -INFINITY;
+    int idx = INT_MAX;  // loses every tie, so an all -inf input still yields its first index
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        if (logits[i] > v || (logits[i] == v && i < idx)) { v = logits[i]; idx = i; }
+    block_argmax(v, idx);
+    if (threadIdx.x == 0) { argmax_block_value[blockIdx.x] = v; argmax_block_index[blockIdx.x] = idx; }
+}
+
+__global__ void argmax_final_kernel(int* out, int n_blocks) {
+    float v = -INFINITY;
+    int idx = INT_MAX;
+    if (threadIdx.x < n_blocks) { v = argmax_block_value[threadIdx.x]; idx = argmax_block_index[threadIdx.x]; }
+    block_argmax(v, idx);
+    if (threadIdx.x == 0) *out = idx == INT_MAX ? 0 : idx;  // INT_MAX: every logit was NaN
+}
+
+// ---- launchers ------------------------------------------------------------------------------------
+
+static void check_wdtype(int wdtype, const char* who) {
+    if (wdtype != DT_F32 && wdtype != DT_BF16 && wdtype != DT_F16) {
+        fprintf(stderr, "error: %s: unknown weight dtype %d\n", who, wdtype);
+        exit(1);
+    }
+}
+
+extern "C" void matvec_gpu(float* out, const void* w, int wdtype, const float* x, const float* bias,
+                           int rows, int cols, int accumulate, cudaStream_t stream) {
+    check_wdtype(wdtype, "matvec_gpu");
+    const int blocks = (rows + MATVEC_WARPS - 1) / MATVEC_WARPS, threads = 32 * MATVEC_WARPS;
+    const bool vec = cols % 8 == 0 && aligned16(w) && aligned16(x);
+    if (wdtype == DT_F32)
+        matvec_kernel<float><<<blocks, threads, 0, stream>>>(out, (const float*)w, x, bias, rows, cols, accumulate, vec);
+    else if (wdtype == DT_BF16)
+        matvec_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(out, (const __nv_bfloat16*)w, x, bias, rows, cols, accumulate, vec);
+    else
+        matvec_kernel<__half><<<blocks, threads, 0, stream>>>(out, (const __half*)w, x, bias, rows, cols, accumulate, vec);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+extern "C" void swiglu_matvec_gpu(float* h, const void* w_gate_up, int wdtype, const float* x,
+                                  int hidden, int dim, cudaStream_t stream) {
+    check_wdtype(wdtype, "swiglu_matvec_gpu");
+    const int blocks = (hidden + MATVEC_WARPS - 1) / MATVEC_WARPS, threads = 32 * MATVEC_WARPS;
+    const bool vec = dim % 8 == 0 && aligned16(w_gate_up) && aligned16(x);
+    if (wdtype == DT_F32)
+        swiglu_matvec_kernel<float><<<blocks, threads, 0, stream>>>(h, (const float*)w_gate_up, x, hidden, dim, vec);
+    else if (wdtype == DT_BF16)
+        swiglu_matvec_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(h, (const __nv_bfloat16*)w_gate_up, x, hidden, dim, vec);
+    else
+        swiglu_matvec_kernel<__half><<<blocks, threads, 0, stream>>>(h, (const __half*)w_gate_up, x, hidden, dim, vec);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+extern "C" void embed_gpu(float* x, const void* embedding, int wdtype, const int* token, int dim,
+                          cudaStream_t stream) {
+    check_wdtype(wdtype, "embed_gpu");
+    const int blocks = (dim + 255) / 256;
+    if (wdtype == DT_F32)
+        embed_kernel<float><<<blocks, 256, 0, stream>>>(x, (const float*)embedding, token, dim);
+    else if (wdtype == DT_BF16)
+        embed_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(x, (const __nv_bfloat16*)embedding, token, dim);
+    else
+        embed_kernel<__half><<<blocks, 256, 0, stream>>>(x, (const __half*)embedding, token, dim);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+extern "C" void argmax_gpu(int* out, const float* logits, int n, cudaStream_t stream) {
+    int blocks = (n + ARGMAX_THREADS - 1) / ARGMAX_THREADS;
+    blocks = blocks < 1 ? 1 : blocks > ARGMAX_BLOCKS ? ARGMAX_BLOCKS : blocks;
+    argmax_blocks_kernel<<<blocks, ARGMAX_THREADS, 0, stream>>>(logits, n);
+    CUDA_CHECK(cudaGetLastError());
+    argmax_final_kernel<<<1, ARGMAX_THREADS, 0, stream>>>(out, blocks);
+    CUDA_CHECK(cudaGetLastError());
+}

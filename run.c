@@ -1,0 +1,910 @@
+/* Inference for Qwen3 (and Qwen2/Qwen2.5) dense models in pure C, with a CUDA path.
+
+   make runcpu -> ./runcpu: the plain float32 CPU reference of the whole model.
+   make run    -> ./run:    the same program with every layer on the GPU (kernels.h).
+
+   ./run model.bin -i "Once upon a time"        generate       (see usage() for all flags)
+   ./run model.bin -m chat                      chat with Qwen3's template
+   ./run model.bin -m ppl -f text.txt -c 2048   perplexity
+   ./run -m tokenize -f text.txt                token ids of a file
+   ./run model.bin -m logits -f ids.txt -o out  float32 logits of every position; -n N greedy more */
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef USE_CUDA
+#include <cuda_runtime_api.h>
+#include "kernels.h"
+#endif
+#include "tokenizer.h"
+
+static void die(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(1);
+}
+
+static void* xmalloc(size_t n, const char* what) {
+    void* p = calloc(1, n ? n : 1);
+    if (!p) die("out of memory allocating %zu MB for %s", n >> 20, what);
+    return p;
+}
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+// ----------------------------------------------------------------------------
+// The checkpoint: a 256-byte header, then the tensors in a fixed order, each 256-byte aligned
+// (README.md has the table). Norm weights, biases and k_scale are float32 in every file.
+
+#define MAGIC 0x334E5751u  // "QWN3"
+#define VERSION 1
+#define HEADER_BYTES 256
+#define ALIGN 256
+enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
+enum { FLAG_TIED = 1, FLAG_QK_NORM = 2, FLAG_QKV_BIAS = 4 };
+
+typedef struct {
+    uint32_t magic, version;
+    int32_t dim;         // model width
+    int32_t hidden_dim;  // MLP width
+    int32_t n_layers, n_heads, n_kv_heads, head_dim, vocab_size, max_seq_len;
+    float rope_theta, eps;
+    uint32_t wdtype;     // W_*: dtype of the matrices (the embedding and the projections)
+    uint32_t flags;      // FLAG_*
+    uint64_t file_size;  // bytes, the header included
+} Config;
+
+// Byte offsets of each tensor in the file; 0 for a tensor the model does not have.
+typedef struct {
+    size_t embedding;   // (vocab_size, dim)                wdtype
+    size_t rms_att;     // (n_layers, dim)                  f32
+    size_t rms_ffn;     // (n_layers, dim)                  f32
+    size_t q_norm;      // (n_layers, head_dim)             f32   if FLAG_QK_NORM
+    size_t k_norm;      // (n_layers, head_dim)             f32   if FLAG_QK_NORM
+    size_t k_scale;     // (n_layers)                       f32   the cache holds k / k_scale
+    size_t bqkv;        // (n_layers, qkv_dim)              f32   if FLAG_QKV_BIAS
+    size_t wqkv;        // (n_layers, qkv_dim, dim)         wdtype: q rows, then k, then v
+    size_t wo;          // (n_layers, dim, q_dim)           wdtype
+    size_t w_gate_up;   // (n_layers, 2*hidden_dim, dim)    wdtype: gate rows, then up
+    size_t w_down;      // (n_layers, dim, hidden_dim)      wdtype
+    size_t rms_final;   // (dim)                            f32
+    size_t lm_head;     // (vocab_size, dim)                wdtype; the embedding when tied
+    size_t end;         // file size
+} Layout;
+
+static size_t wbytes(const Config* c) { return c->wdtype == W_F32 ? 4 : 2; }
+static int q_dim(const Config* c) { return c->n_heads * c->head_dim; }
+static int kv_dim(const Config* c) { return c->n_kv_heads * c->head_dim; }
+static int qkv_dim(const Config* c) { return q_dim(c) + 2 * kv_dim(c); }
+
+static size_t place(size_t* at, size_t bytes) {  // aligned offset for the next tensor
+    size_t off = (*at + ALIGN - 1) / ALIGN * ALIGN;
+    *at = off + bytes;
+    return off;
+}
+
+static Layout layout(const Config* c) {
+    size_t L = c->n_layers, D = c->dim, H = c->hidden_dim, hd = c->head_dim, w = wbytes(c);
+    size_t at = HEADER_BYTES, V = c->vocab_size, qkv = qkv_dim(c);
+    Layout o = {0};
+    o.embedding = place(&at, V * D * w);
+    o.rms_att = place(&at, L * D * 4);
+    o.rms_ffn = place(&at, L * D * 4);
+    if (c->flags & FLAG_QK_NORM) {
+        o.q_norm = place(&at, L * hd * 4);
+        o.k_norm = place(&at, L * hd * 4);
+    }
+    o.k_scale = place(&at, L * 4);
+    if (c->flags & FLAG_QKV_BIAS) o.bqkv = place(&at, L * qkv * 4);
+    o.wqkv = place(&at, L * qkv * D * w);
+    o.wo = place(&at, L * D * q_dim(c) * w);
+    o.w_gate_up = place(&at, L * 2 * H * D * w);
+    o.w_down = place(&at, L * D * H * w);
+    o.rms_final = place(&at, D * 4);
+    o.lm_head = (c->flags & FLAG_TIED) ? o.embedding : place(&at, V * D * w);
+    o.end = (at + ALIGN - 1) / ALIGN * ALIGN;
+    return o;
+}
+
+static void check_config(const Config* c, const char* path, size_t actual_size) {
+    if (c->magic != MAGIC) die("%s: not a model file (bad magic)", path);
+    if (c->version != VERSION) die("%s: unsupported version %u (expected %d)", path, c->version, VERSION);
+#define RANGE(field, lo, hi) if (c->field < (lo) || c->field > (hi)) \
+        die("%s: %s = %d is out of range [%d, %d]", path, #field, (int)c->field, (int)(lo), (int)(hi))
+    RANGE(dim, 1, 65536); RANGE(hidden_dim, 1, 1 << 20); RANGE(n_layers, 1, 1024);
+    RANGE(n_heads, 1, 1024); RANGE(n_kv_heads, 1, 1024); RANGE(head_dim, 2, 1024);
+    RANGE(vocab_size, 1, 1 << 22); RANGE(max_seq_len, 1, 1 << 24);
+#undef RANGE
+    if (c->n_heads % c->n_kv_heads) die("%s: n_heads %d is not a multiple of n_kv_heads %d", path, c->n_heads, c->n_kv_heads);
+    if (c->head_dim % 2) die("%s: head_dim %d is odd", path, c->head_dim);
+    if (!(c->rope_theta > 0 && c->rope_theta < 1e30f)) die("%s: rope_theta %g is out of range", path, c->rope_theta);
+    if (!(c->eps > 0 && c->eps < 1)) die("%s: rms_norm_eps %g is out of range", path, c->eps);
+    if (c->wdtype > W_F16) die("%s: unknown weight dtype %u", path, c->wdtype);
+    if (c->flags & ~7u) die("%s: unknown flags 0x%x", path, c->flags);
+    Layout o = layout(c);
+    if (c->file_size != o.end) die("%s: header says %llu bytes but the shapes need %zu", path, (unsigned long long)c->file_size, o.end);
+    if (actual_size != o.end) die("%s: file has %zu bytes but the header needs %zu (truncated or wrong file?)", path, actual_size, o.end);
+}
+
+// ----------------------------------------------------------------------------
+// The model as the CPU reference sees it: every matrix as float32.
+
+typedef struct {
+    float* embedding;  // (vocab_size, dim)
+    float* rms_att;    // (n_layers, dim)
+    float* rms_ffn;    // (n_layers, dim)
+    float* q_norm;     // (n_layers, head_dim) or NULL
+    float* k_norm;     // (n_layers, head_dim) or NULL
+    float* k_scale;    // (n_layers)
+    float* bqkv;       // (n_layers, qkv_dim) or NULL
+    float* wqkv;       // (n_layers, qkv_dim, dim)
+    float* wo;         // (n_layers, dim, q_dim)
+    float* w_gate_up;  // (n_layers, 2*hidden_dim, dim)
+    float* w_down;     // (n_layers, dim, hidden_dim)
+    float* rms_final;  // (dim)
+    float* lm_head;    // (vocab_size, dim)
+} Weights;
+
+typedef struct {
+    float* x;            // (dim) residual stream
+    float* xb;           // (dim) normed input of a sublayer
+    float* xb2;          // (dim) output of a sublayer
+    float* qkv;          // (qkv_dim) q, k, v of the current token
+    float* att;          // (q_dim) attention output, heads concatenated
+    float* scores;       // (n_heads, seq_len)
+    float* hb;           // (2*hidden_dim) gate, then up
+    float* logits;       // (vocab_size)
+    float* key_cache;    // (n_layers, seq_len, kv_dim), holds k / k_scale
+    float* value_cache;  // (n_layers, seq_len, kv_dim)
+} RunState;
+
+typedef struct {
+    Config config;
+    Layout at;
+    uint8_t* file;  // the mapped checkpoint
+    size_t file_size;
+    int seq_len;    // context length of the caches
+    int use_k_scale;
+    int need_logits;  // the caller reads the logits (else only their argmax, next_greedy)
+    int next_greedy;  // argmax of the last logits
+    Weights w;
+    RunState s;
+#ifdef USE_CUDA
+    struct Gpu* gpu;
+#endif
+} Model;
+
+static void load_checkpoint(Model* m, const char* path) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("%s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
+    if ((size_t)st.st_size < HEADER_BYTES) die("%s: file has %lld bytes, too small for the header", path, (long long)st.st_size);
+    m->file_size = st.st_size;
+    m->file = mmap(NULL, m->file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (m->file == MAP_FAILED) die("%s: mmap failed: %s", path, strerror(errno));
+    memcpy(&m->config, m->file, sizeof(Config));
+    check_config(&m->config, path, m->file_size);
+    m->at = layout(&m->config);
+}
+
+static int argmax(const float* v, int n) {  // the lowest index on ties, as torch.argmax
+    int best = 0;
+    for (int i = 1; i < n; i++) if (v[i] > v[best]) best = i;
+    return best;
+}
+
+#ifndef USE_CUDA  // the CPU reference: runcpu only
+static float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, mant = h & 1023, u;
+    if (e == 31) u = sign | 0x7F800000u | (mant << 13);  // inf, nan
+    else if (e) u = sign | ((e + 112) << 23) | (mant << 13);
+    else if (mant) {  // subnormal: normalise
+        e = 113;
+        while (!(mant & 1024)) { mant <<= 1; e--; }
+        u = sign | (e << 23) | ((mant & 1023) << 13);
+    } else u = sign;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// A matrix of the file as float32: in place for fp32 files, else a converted copy.
+static float* matrix_f32(Model* m, size_t offset, size_t count) {
+    if (m->config.wdtype == W_F32) return (float*)(m->file + offset);
+    const uint16_t* src = (const uint16_t*)(m->file + offset);
+    float* dst = xmalloc(count * 4, "weights");
+    for (size_t i = 0; i < count; i++)
+        dst[i] = m->config.wdtype == W_BF16 ? bf16_to_f32(src[i]) : f16_to_f32(src[i]);
+    return dst;
+}
+
+static float* vector_f32(Model* m, size_t offset) { return offset ? (float*)(m->file + offset) : NULL; }
+
+static void init_cpu(Model* m) {
+    Config* c = &m->config;
+    Layout* o = &m->at;
+    Weights* w = &m->w;
+    size_t L = c->n_layers, D = c->dim, H = c->hidden_dim, V = c->vocab_size;
+    w->embedding = matrix_f32(m, o->embedding, V * D);
+    w->rms_att = vector_f32(m, o->rms_att);
+    w->rms_ffn = vector_f32(m, o->rms_ffn);
+    w->q_norm = vector_f32(m, o->q_norm);
+    w->k_norm = vector_f32(m, o->k_norm);
+    w->k_scale = vector_f32(m, o->k_scale);
+    w->bqkv = vector_f32(m, o->bqkv);
+    w->wqkv = matrix_f32(m, o->wqkv, L * qkv_dim(c) * D);
+    w->wo = matrix_f32(m, o->wo, L * D * q_dim(c));
+    w->w_gate_up = matrix_f32(m, o->w_gate_up, L * 2 * H * D);
+    w->w_down = matrix_f32(m, o->w_down, L * D * H);
+    w->rms_final = vector_f32(m, o->rms_final);
+    w->lm_head = (c->flags & FLAG_TIED) ? w->embedding : matrix_f32(m, o->lm_head, V * D);
+
+    RunState* s = &m->s;
+    size_t cache = L * m->seq_len * kv_dim(c);
+    s->x = xmalloc(D * 4, "activations");
+    s->xb = xmalloc(D * 4, "activations");
+    s->xb2 = xmalloc(D * 4, "activations");
+    s->qkv = xmalloc(qkv_dim(c) * 4, "activations");
+    s->att = xmalloc(q_dim(c) * 4, "activations");
+    s->scores = xmalloc((size_t)c->n_heads * m->seq_len * 4, "attention scores");
+    s->hb = xmalloc(2 * H * 4, "activations");
+    s->logits = xmalloc(V * 4, "logits");
+    s->key_cache = xmalloc(cache * 4, "the key cache");
+    s->value_cache = xmalloc(cache * 4, "the value cache");
+}
+
+// ----------------------------------------------------------------------------
+// The CPU reference: each operation as plain loops, float32 with double sums.
+
+static void rmsnorm(float* out, const float* x, const float* weight, int n, float eps) {
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float scale = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
+}
+
+// out (d) = W (d, n) @ x (n)
+static void matmul(float* out, const float* x, const float* w, int n, int d) {
+    int i;
+#pragma omp parallel for private(i)
+    for (i = 0; i < d; i++) {
+        const float* row = w + (size_t)i * n;
+        double sum = 0;
+        for (int j = 0; j < n; j++) sum += row[j] * x[j];
+        out[i] = (float)sum;
+    }
+}
+
+// NeoX rotate-half RoPE on n_heads vectors of head_dim, angles in float32 as transformers has them
+static void rope(float* v, int n_heads, int head_dim, int pos, float theta) {
+    int half = head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)head_dim);
+        float angle = (float)pos * inv_freq, c = cosf(angle), s = sinf(angle);
+        for (int h = 0; h < n_heads; h++) {
+            float* x = v + h * head_dim;
+            float a = x[i], b = x[i + half];
+            x[i] = a * c - b * s;
+            x[i + half] = b * c + a * s;
+        }
+    }
+}
+
+static float silu(float z) { return z / (1.0f + expf(-z)); }
+
+static float* forward_cpu(Model* m, int token, int pos) {
+    Config* c = &m->config;
+    Weights* w = &m->w;
+    RunState* s = &m->s;
+    int D = c->dim, H = c->hidden_dim, hd = c->head_dim, QKV = qkv_dim(c), KV = kv_dim(c);
+    int group = c->n_heads / c->n_kv_heads;
+    float* x = s->x;
+    memcpy(x, w->embedding + (size_t)token * D, D * sizeof(float));
+
+    for (int l = 0; l < c->n_layers; l++) {
+        // q, k, v = Wqkv @ rmsnorm(x) (+ bias)
+        rmsnorm(s->xb, x, w->rms_att + l * D, D, c->eps);
+        matmul(s->qkv, s->xb, w->wqkv + (size_t)l * QKV * D, D, QKV);
+        if (w->bqkv) for (int i = 0; i < QKV; i++) s->qkv[i] += w->bqkv[(size_t)l * QKV + i];
+        float *q = s->qkv, *k = q + q_dim(c), *v = k + KV;
+        // per-head RMSNorm of q and k (Qwen3), then RoPE
+        if (w->q_norm) {
+            for (int h = 0; h < c->n_heads; h++) rmsnorm(q + h * hd, q + h * hd, w->q_norm + l * hd, hd, c->eps);
+            for (int h = 0; h < c->n_kv_heads; h++) rmsnorm(k + h * hd, k + h * hd, w->k_norm + l * hd, hd, c->eps);
+        }
+        rope(q, c->n_heads, hd, pos, c->rope_theta);
+        rope(k, c->n_kv_heads, hd, pos, c->rope_theta);
+        // cache k / k_scale and v at this position; k_scale is a power of two, so this is exact
+        float k_scale = m->use_k_scale ? w->k_scale[l] : 1.0f;
+        float* kc = s->key_cache + (size_t)l * m->seq_len * KV;
+        float* vc = s->value_cache + (size_t)l * m->seq_len * KV;
+        for (int i = 0; i < KV; i++) {
+            kc[(size_t)pos * KV + i] = k[i] / k_scale;
+            vc[(size_t)pos * KV + i] = v[i];
+        }
+        // causal GQA attention: query head h reads KV head h / group; softmax in float32
+        float scale = k_scale / sqrtf((float)hd);
+        int h;
+#pragma omp parallel for private(h)
+        for (h = 0; h < c->n_heads; h++) {
+            const float* qh = q + h * hd;
+            float* sc = s->scores + (size_t)h * m->seq_len;
+            int kvh = h / group;
+            float max = -INFINITY;
+            for (int t = 0; t <= pos; t++) {
+                const float* kt = kc + (size_t)t * KV + kvh * hd;
+                double dot = 0;
+                for (int i = 0; i < hd; i++) dot += qh[i] * kt[i];
+                sc[t] = (float)dot * scale;
+                if (sc[t] > max) max = sc[t];
+            }
+            double sum = 0;
+            for (int t = 0; t <= pos; t++) { sc[t] = expf(sc[t] - max); sum += sc[t]; }
+            float* out = s->att + h * hd;
+            for (int i = 0; i < hd; i++) {
+                double acc = 0;
+                for (int t = 0; t <= pos; t++) acc += sc[t] * vc[(size_t)t * KV + kvh * hd + i];
+                out[i] = (float)(acc / sum);
+            }
+        }
+        // x += Wo @ att
+        matmul(s->xb2, s->att, w->wo + (size_t)l * D * q_dim(c), q_dim(c), D);
+        for (int i = 0; i < D; i++) x[i] += s->xb2[i];
+        // x += Wdown @ (silu(Wgate @ rmsnorm(x)) * (Wup @ rmsnorm(x)))
+        rmsnorm(s->xb, x, w->rms_ffn + l * D, D, c->eps);
+        matmul(s->hb, s->xb, w->w_gate_up + (size_t)l * 2 * H * D, D, 2 * H);
+        for (int i = 0; i < H; i++) s->hb[i] = silu(s->hb[i]) * s->hb[H + i];
+        matmul(s->xb2, s->hb, w->w_down + (size_t)l * D * H, H, D);
+        for (int i = 0; i < D; i++) x[i] += s->xb2[i];
+    }
+    // logits = lm_head @ rmsnorm(x)
+    rmsnorm(s->xb, x, w->rms_final, D, c->eps);
+    matmul(s->logits, s->xb, w->lm_head, D, c->vocab_size);
+    return s->logits;
+}
+#endif
+
+// ----------------------------------------------------------------------------
+// The GPU path: weights copied to the device as one block, every operation a kernel (kernels.h).
+
+#ifdef USE_CUDA
+struct Gpu {
+    uint8_t* weights;     // the file's bytes after the header, on the device
+    float* x;             // (dim)
+    float* xb;            // (dim)
+    float* qkv;           // (qkv_dim)
+    float* att;           // (q_dim)
+    float* hb;            // (hidden_dim)
+    float* logits;        // (vocab_size)
+    float* scratch;       // attention partials
+    void* key_cache;      // (n_layers, seq_len, kv_dim), kv_dtype
+    void* value_cache;    // (n_layers, seq_len, kv_dim), kv_dtype
+    int* io;              // (3) the token, its position, and the argmax of the logits
+    int* host_io;         // (3) pinned copy of io: the graph reads and writes it
+    int kv_dtype, fused;
+    cudaStream_t stream;
+    cudaGraphExec_t step; // the whole decode step, captured once, replayed per token
+};
+
+static void* gpu_alloc(size_t bytes, const char* what) {
+    void* p;
+    cudaError_t e = cudaMalloc(&p, bytes);
+    if (e != cudaSuccess) die("GPU: cannot allocate %zu MB for %s: %s", bytes >> 20, what, cudaGetErrorString(e));
+    return p;
+}
+
+static void init_gpu(Model* m, int kv_dtype, int fused) {
+    Config* c = &m->config;
+    struct Gpu* g = m->gpu = xmalloc(sizeof(struct Gpu), "GPU state");
+    size_t cache = (size_t)c->n_layers * m->seq_len * kv_dim(c) * 2;
+    g->kv_dtype = kv_dtype;
+    g->fused = fused;
+    CUDA_CHECK(cudaStreamCreate(&g->stream));
+    g->weights = gpu_alloc(m->file_size - HEADER_BYTES, "the weights");
+    CUDA_CHECK(cudaMemcpy(g->weights, m->file + HEADER_BYTES, m->file_size - HEADER_BYTES, cudaMemcpyHostToDevice));
+    g->x = gpu_alloc(c->dim * 4, "activations");
+    g->xb = gpu_alloc(c->dim * 4, "activations");
+    g->qkv = gpu_alloc(qkv_dim(c) * 4, "activations");
+    g->att = gpu_alloc(q_dim(c) * 4, "activations");
+    g->hb = gpu_alloc((size_t)c->hidden_dim * 4, "activations");
+    g->logits = gpu_alloc((size_t)c->vocab_size * 4, "logits");
+    g->scratch = gpu_alloc(attention_scratch_floats(c->n_heads, c->head_dim, m->seq_len) * 4, "attention scratch");
+    g->key_cache = gpu_alloc(cache, "the key cache");
+    g->value_cache = gpu_alloc(cache, "the value cache");
+    g->io = gpu_alloc(3 * sizeof(int), "token");
+    CUDA_CHECK(cudaMallocHost((void**)&g->host_io, 3 * sizeof(int)));
+    m->s.logits = xmalloc((size_t)c->vocab_size * 4, "logits");
+    size_t free_bytes, total_bytes;
+    CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    fprintf(stderr, "[GPU memory in use: %zu MB of %zu MB]\n", (total_bytes - free_bytes) >> 20, total_bytes >> 20);
+}
+
+// Enqueues one decode step: token and position come from host_io, the argmax goes back to it.
+static void enqueue_step(Model* m) {
+    Config* c = &m->config;
+    struct Gpu* g = m->gpu;
+    Layout* o = &m->at;
+    cudaStream_t st = g->stream;
+    int D = c->dim, H = c->hidden_dim, hd = c->head_dim, QKV = qkv_dim(c), KV = kv_dim(c), wt = c->wdtype;
+    size_t wb = wbytes(c);
+#define DEV(offset) ((offset) ? g->weights + (offset) - HEADER_BYTES : NULL)
+    const float* k_scales = (const float*)(m->file + o->k_scale);
+    CUDA_CHECK(cudaMemcpyAsync(g->io, g->host_io, 2 * sizeof(int), cudaMemcpyHostToDevice, st));
+    const int* d_pos = g->io + 1;
+
+    embed_gpu(g->x, DEV(o->embedding), wt, g->io, D, st);
+    for (int l = 0; l < c->n_layers; l++) {
+        const float* rms_att = (const float*)DEV(o->rms_att) + l * D;
+        const void* wqkv = DEV(o->wqkv) + (size_t)l * QKV * D * wb;
+        const float* bqkv = o->bqkv ? (const float*)DEV(o->bqkv) + (size_t)l * QKV : NULL;
+        const float* q_norm = o->q_norm ? (const float*)DEV(o->q_norm) + l * hd : NULL;
+        const float* k_norm = o->k_norm ? (const float*)DEV(o->k_norm) + l * hd : NULL;
+        const void* wo = DEV(o->wo) + (size_t)l * D * q_dim(c) * wb;
+        float k_scale = m->use_k_scale ? k_scales[l] : 1.0f;
+        void* kc = (uint8_t*)g->key_cache + (size_t)l * m->seq_len * KV * 2;
+        void* vc = (uint8_t*)g->value_cache + (size_t)l * m->seq_len * KV * 2;
+        if (g->fused) {  // x += o_proj(attention(rope(qk_norm(qkv(rmsnorm(x)))))) in one kernel
+            AttentionLayer layer = {g->x, rms_att, wqkv, bqkv, q_norm, k_norm, k_scale, wo, kc, vc,
+                                    d_pos, g->qkv, g->att, g->scratch, D, c->n_heads, c->n_kv_heads,
+                                    hd, m->seq_len, wt, g->kv_dtype, c->rope_theta, c->eps};
+            attention_fused_gpu(&layer, st);
+        } else {  // the same, one kernel per step
+            float *q = g->qkv, *k = q + q_dim(c), *v = k + KV;
+            rmsnorm_gpu(g->xb, g->x, rms_att, 1, D, c->eps, st);
+            matvec_gpu(g->qkv, wqkv, wt, g->xb, bqkv, QKV, D, 0, st);
+            qk_norm_rope_gpu(q, k, v, q_norm, k_norm, k_scale, kc, vc, g->kv_dtype, d_pos,
+                             c->n_heads, c->n_kv_heads, hd, c->rope_theta, c->eps, st);
+            attention_gpu(g->att, q, kc, vc, g->kv_dtype, d_pos, c->n_heads, c->n_kv_heads, hd,
+                          m->seq_len, k_scale / sqrtf((float)hd), g->scratch, st);
+            matvec_gpu(g->x, wo, wt, g->att, NULL, D, q_dim(c), 1, st);
+        }
+        // x += Wdown @ (silu(Wgate @ rmsnorm(x)) * (Wup @ rmsnorm(x)))
+        rmsnorm_gpu(g->xb, g->x, (const float*)DEV(o->rms_ffn) + l * D, 1, D, c->eps, st);
+        swiglu_matvec_gpu(g->hb, DEV(o->w_gate_up) + (size_t)l * 2 * H * D * wb, wt, g->xb, H, D, st);
+        matvec_gpu(g->x, DEV(o->w_down) + (size_t)l * D * H * wb, wt, g->hb, NULL, D, H, 1, st);
+    }
+    // logits = lm_head @ rmsnorm(x)
+    rmsnorm_gpu(g->xb, g->x, (const float*)DEV(o->rms_final), 1, D, c->eps, st);
+    matvec_gpu(g->logits, DEV(o->lm_head), wt, g->xb, NULL, c->vocab_size, D, 0, st);
+#undef DEV
+    argmax_gpu(g->io + 2, g->logits, c->vocab_size, st);
+    CUDA_CHECK(cudaMemcpyAsync(g->host_io + 2, g->io + 2, sizeof(int), cudaMemcpyDeviceToHost, st));
+}
+
+// One step through the captured graph: ~200 kernels launched as one, with no gaps on the host.
+static float* forward_gpu(Model* m, int token, int pos) {
+    struct Gpu* g = m->gpu;
+    if (!g->step) {
+        cudaGraph_t graph;
+        CUDA_CHECK(cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal));
+        enqueue_step(m);
+        CUDA_CHECK(cudaStreamEndCapture(g->stream, &graph));
+        CUDA_CHECK(cudaGraphInstantiate(&g->step, graph, 0));
+        CUDA_CHECK(cudaGraphDestroy(graph));
+    }
+    g->host_io[0] = token;
+    g->host_io[1] = pos;
+    CUDA_CHECK(cudaGraphLaunch(g->step, g->stream));
+    if (m->need_logits)
+        CUDA_CHECK(cudaMemcpyAsync(m->s.logits, g->logits, (size_t)m->config.vocab_size * 4, cudaMemcpyDeviceToHost, g->stream));
+    CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    m->next_greedy = g->host_io[2];
+    return m->s.logits;
+}
+
+#endif
+
+static float* forward(Model* m, int token, int pos) {
+    if (token < 0 || token >= m->config.vocab_size) die("token id %d is outside the vocabulary [0, %d)", token, m->config.vocab_size);
+    if (pos >= m->seq_len) die("position %d is past the context length %d", pos, m->seq_len);
+#ifdef USE_CUDA
+    return forward_gpu(m, token, pos);
+#else
+    float* logits = forward_cpu(m, token, pos);
+    m->next_greedy = argmax(logits, m->config.vocab_size);
+    return logits;
+#endif
+}
+
+// ----------------------------------------------------------------------------
+// Sampling: greedy, or temperature then top-k, top-p and min-p filtering.
+
+typedef struct { float p; int id; } Candidate;
+
+typedef struct {
+    float temperature, top_p, min_p;
+    int top_k;
+    uint64_t rng;
+    Candidate* candidates;  // (vocab_size)
+} Sampler;
+
+static float random_f32(uint64_t* state) {  // xorshift64*, in [0, 1)
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return ((*state * 0x2545F4914F6CDD1Dull) >> 40) / 16777216.0f;
+}
+
+static int by_prob_desc(const void* a, const void* b) {
+    float pa = ((const Candidate*)a)->p, pb = ((const Candidate*)b)->p;
+    return (pa < pb) - (pa > pb);
+}
+
+// Hugging Face's order: temperature, top-k, top-p (over what top-k left, renormalised), min-p.
+static int sample(Sampler* s, const float* logits, int n) {
+    if (s->temperature == 0.0f) return argmax(logits, n);
+    float max = logits[argmax(logits, n)];
+    double sum = 0;
+    for (int i = 0; i < n; i++) sum += expf((logits[i] - max) / s->temperature);
+    // Tokens below this probability can be in no top-p nucleus (they sum to at most 1 - top_p)
+    // and fall to min-p too: drop them before sorting.
+    float cutoff = fmaxf(s->top_p < 1.0f ? (1.0f - s->top_p) / (n - 1) : 0.0f, s->min_p / (float)sum);
+    int kept = 0;
+    for (int i = 0; i < n; i++) {
+        float p = expf((logits[i] - max) / s->temperature) / (float)sum;
+        if (p >= cutoff) s->candidates[kept++] = (Candidate){p, i};
+    }
+    qsort(s->candidates, kept, sizeof(Candidate), by_prob_desc);
+    if (s->top_k > 0 && s->top_k < kept) kept = s->top_k;
+    double mass = 0, prefix = 0;
+    for (int i = 0; i < kept; i++) mass += s->candidates[i].p;
+    for (int i = 0; i < kept; i++) {
+        prefix += s->candidates[i].p;
+        if (prefix >= s->top_p * mass) { kept = i + 1; break; }
+    }
+    float floor = s->min_p * s->candidates[0].p;
+    while (kept > 1 && s->candidates[kept - 1].p < floor) kept--;
+    mass = 0;
+    for (int i = 0; i < kept; i++) mass += s->candidates[i].p;
+    float r = random_f32(&s->rng) * (float)mass, cdf = 0;
+    for (int i = 0; i < kept; i++) {
+        cdf += s->candidates[i].p;
+        if (r < cdf) return s->candidates[i].id;
+    }
+    return s->candidates[kept - 1].id;
+}
+
+// ----------------------------------------------------------------------------
+// Text in and out
+
+static char* read_file(const char* path, size_t* len) {
+    FILE* f = fopen(path, "rb");
+    if (!f) die("%s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
+    char* buf = xmalloc(st.st_size + 1, path);
+    *len = fread(buf, 1, st.st_size, f);
+    if (*len != (size_t)st.st_size) die("%s: read failed", path);
+    fclose(f);
+    return buf;
+}
+
+static int* encode_or_die(const Tokenizer* t, const char* text, size_t len, long* n, const char* what) {
+    int* ids;
+    size_t bad = 0;
+    *n = tokenizer_encode(t, text, len, &ids, &bad);
+    if (*n < 0) die("%s is not valid UTF-8 (byte %zu)", what, bad);
+    return ids;
+}
+
+static void print_token(const Tokenizer* t, Utf8Stream* out, int id) {
+    size_t len;
+    const char* piece = tokenizer_piece(t, id, &len);
+    utf8_stream_write(out, piece, len, stdout);
+    fflush(stdout);
+}
+
+typedef struct {
+    const char* checkpoint;
+    const char* tokenizer;  // -z
+    const char* mode;       // -m generate | chat | ppl | tokenize | logits
+    const char* prompt;     // -i
+    const char* system;     // -y
+    const char* file;       // -f
+    const char* output;     // -o
+    int steps;              // -n
+    int context;            // -c
+    int thinking;           // -r
+    int verbose;            // -v
+    int fused;              // -a
+    int kv_dtype;           // -e
+    int use_k_scale;        // -K
+} Options;
+
+static int is_stop(const Tokenizer* t, int id) {
+    return id == tokenizer_find(t, "<|im_end|>") || id == tokenizer_find(t, "<|endoftext|>");
+}
+
+// Feeds ids[0..n) at positions pos.. and returns the logits after the last one.
+static float* prefill(Model* m, const int* ids, long n, int pos) {
+    float* logits = NULL;
+    for (long i = 0; i < n; i++) logits = forward(m, ids[i], pos + (int)i);
+    return logits;
+}
+
+static void print_ids(const char* label, const int* ids, long n) {
+    fprintf(stderr, "%s:", label);
+    for (long i = 0; i < n; i++) fprintf(stderr, " %d", ids[i]);
+    fputc('\n', stderr);
+}
+
+// Samples up to `steps` tokens after `logits` (the prediction for position pos), streaming them;
+// stops at a stop token, which is returned in *stop and not fed. Returns the next free position.
+static int reply(Model* m, const Tokenizer* t, Sampler* s, float* logits, int pos, int steps, int* stop) {
+    Utf8Stream out = {0};
+    double start = now_s();
+    int generated = 0;
+    *stop = -1;
+    while (generated < steps && pos < m->seq_len) {
+        int next = s->temperature == 0 ? m->next_greedy : sample(s, logits, m->config.vocab_size);
+        if (is_stop(t, next)) { *stop = next; break; }
+        print_token(t, &out, next);
+        generated++;
+        logits = forward(m, next, pos++);
+    }
+    utf8_stream_flush(&out, stdout);
+    double dt = now_s() - start;
+    fprintf(stderr, "\n[decode: %d tokens, %.1f tok/s]\n", generated, generated / (dt > 0 ? dt : 1e-9));
+    return pos;
+}
+
+static void generate(Model* m, const Tokenizer* t, Sampler* s, const Options* o) {
+    if (!o->prompt || !*o->prompt) die("generate needs a prompt: -i \"text\"");
+    long n;
+    int* ids = encode_or_die(t, o->prompt, strlen(o->prompt), &n, "the prompt");
+    if (n >= m->seq_len) die("the prompt has %ld tokens; the context holds %d (raise -c)", n, m->seq_len);
+    if (o->verbose) print_ids("prompt ids", ids, n);
+    double start = now_s();
+    float* logits = prefill(m, ids, n, 0);
+    double dt = now_s() - start;
+    fprintf(stderr, "[prefill: %ld tokens, %.1f tok/s, %.2f ms]\n", n, n / (dt > 0 ? dt : 1e-9), dt * 1e3);
+    int steps = o->steps ? o->steps : m->seq_len, stop;
+    reply(m, t, s, logits, (int)n, steps, &stop);
+    free(ids);
+}
+
+// Qwen3's chat template, turn by turn: the cache keeps every earlier turn as it was generated.
+static void chat(Model* m, const Tokenizer* t, Sampler* s, const Options* o) {
+    static char line[65536];
+    int pos = 0, steps = o->steps ? o->steps : m->seq_len;
+    for (int turn = 0;; turn++) {
+        const char* user = turn == 0 && o->prompt ? o->prompt : NULL;
+        if (!user) {
+            fprintf(stderr, "> ");
+            if (!fgets(line, sizeof line, stdin)) break;
+            line[strcspn(line, "\n")] = 0;
+            user = line;
+        }
+        size_t cap = strlen(user) + (o->system ? strlen(o->system) : 0) + 256;
+        char* text = xmalloc(cap, "the chat prompt");
+        if (turn > 0) strcat(text, "<|im_end|>\n");  // closes the previous reply
+        else if (o->system) snprintf(text, cap, "<|im_start|>system\n%s<|im_end|>\n", o->system);
+        size_t used = strlen(text);
+        snprintf(text + used, cap - used, "<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n%s",
+                 user, o->thinking ? "" : "<think>\n\n</think>\n\n");
+        long n;
+        int* ids = encode_or_die(t, text, strlen(text), &n, "the message");
+        if (pos + n >= m->seq_len) die("the conversation needs %ld tokens; the context holds %d (raise -c)", pos + n, m->seq_len);
+        if (o->verbose) print_ids("prompt ids", ids, n);
+        float* logits = prefill(m, ids, n, pos);
+        int stop;
+        pos = reply(m, t, s, logits, pos + (int)n, steps, &stop);
+        free(ids);
+        free(text);
+        if (pos >= m->seq_len) { fprintf(stderr, "[the context is full]\n"); break; }
+    }
+}
+
+// Perplexity: the file's tokens in consecutive windows of `context` tokens, no overlap, each
+// started with an empty cache; token j > 0 of a window is scored given tokens 0..j-1 of it.
+static void perplexity(Model* m, const Tokenizer* t, const Options* o) {
+    if (!o->file) die("ppl needs a text file: -f FILE");
+    size_t len;
+    char* text = read_file(o->file, &len);
+    long n;
+    int* ids = encode_or_die(t, text, len, &n, o->file);
+    if (n < 2) die("%s has %ld tokens; perplexity needs at least 2", o->file, n);
+    double nll = 0, start = now_s();
+    long scored = 0;
+    for (long w = 0; w + 1 < n; w += m->seq_len) {
+        long end = w + m->seq_len < n ? w + m->seq_len : n;
+        for (long j = w; j < end; j++) {
+            float* logits = forward(m, ids[j], (int)(j - w));
+            if (j + 1 == end) break;
+            float max = logits[argmax(logits, m->config.vocab_size)];
+            double sum = 0;
+            for (int i = 0; i < m->config.vocab_size; i++) sum += expf(logits[i] - max);
+            nll += max + log(sum) - logits[ids[j + 1]];
+            scored++;
+        }
+        fprintf(stderr, "[ppl: %ld/%ld tokens, running ppl %.4f, %.1f tok/s]\n", end, n,
+                exp(nll / scored), end / (now_s() - start));
+    }
+    printf("ppl %.6f nll %.8f tokens %ld\n", exp(nll / scored), nll / scored, scored);
+    free(ids);
+    free(text);
+}
+
+static void tokenize(const Tokenizer* t, const Options* o) {
+    size_t len;
+    char* text = o->file ? read_file(o->file, &len) : NULL;
+    if (!text) {
+        if (!o->prompt) die("tokenize needs -f FILE or -i \"text\"");
+        len = strlen(o->prompt);
+    }
+    long n;
+    int* ids = encode_or_die(t, text ? text : o->prompt, len, &n, o->file ? o->file : "the text");
+    for (long i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+    printf("\n");
+    free(ids);
+    free(text);
+}
+
+// Feeds the token ids of -f (whitespace-separated), then decodes -n more greedily, printing them;
+// with -o, writes the float32 logits of every position fed, (positions, vocab_size), for tests.
+static void logits_mode(Model* m, const Options* o) {
+    if (!o->file) die("logits needs -f IDS_FILE");
+    size_t len;
+    char* text = read_file(o->file, &len);
+    FILE* out = o->output ? fopen(o->output, "wb") : NULL;
+    if (o->output && !out) die("%s: %s", o->output, strerror(errno));
+    int pos = 0, V = m->config.vocab_size;
+    float* logits = NULL;
+    for (char* p = text; *p;) {
+        if (isspace((unsigned char)*p)) { p++; continue; }
+        char* end;
+        long id = strtol(p, &end, 10);
+        if (end == p || (*end && !isspace((unsigned char)*end)) || id < 0 || id >= V)
+            die("%s: token %d is not an id in [0, %d)", o->file, pos, V);
+        if (pos >= m->seq_len) die("%s: more ids than the context holds (%d; raise -c)", o->file, m->seq_len);
+        logits = forward(m, (int)id, pos++);
+        if (out && fwrite(logits, 4, V, out) != (size_t)V) die("%s: write failed", o->output);
+        p = end;
+    }
+    if (!logits) die("%s: no token ids", o->file);
+    for (int i = 0; i < o->steps && pos < m->seq_len; i++) {
+        int next = m->next_greedy;
+        printf(i ? " %d" : "%d", next);
+        logits = forward(m, next, pos++);
+        if (out && fwrite(logits, 4, V, out) != (size_t)V) die("%s: write failed", o->output);
+    }
+    printf("\n");
+    if (out && fclose(out) != 0) die("%s: write failed", o->output);
+    free(text);
+}
+
+// ----------------------------------------------------------------------------
+// Command line
+
+static void usage(void) {
+    fprintf(stderr,
+        "usage: run model.bin [options]       (run -m tokenize needs no model)\n"
+        "  -m MODE  generate (default) | chat | ppl | tokenize | logits\n"
+        "  -i TEXT  prompt (generate), first message (chat), text (tokenize)\n"
+        "  -y TEXT  system prompt (chat)\n"
+        "  -r 0|1   thinking (default 1): sets the defaults T 0.6 / top-p 0.95 (1) or 0.7 / 0.8 (0)\n"
+        "  -t T     temperature, 0 = greedy        -p P  top-p in (0, 1]\n"
+        "  -k K     top-k, 0 = off (default 20)    -P P  min-p in [0, 1] (default 0)\n"
+        "  -s SEED  random seed (default: time)    -n N  tokens to generate per reply (0 = to the context end)\n"
+        "  -c N     context length (default min(4096, the model's)); ppl: the window\n"
+        "  -f FILE  input file (ppl, tokenize: text; logits: token ids)\n"
+        "  -o FILE  logits: write every position's float32 logits here\n"
+        "  -z FILE  tokenizer (default tokenizer.bin)\n"
+        "  -v 0|1   print the prompt's token ids to stderr\n"
+        "  -a 0|1   GPU: fused attention kernel (default 1) or one kernel per step\n"
+        "  -e bf16|fp16  GPU: KV cache dtype (default bf16)\n"
+        "  -K 0|1   use the checkpoint's per-layer K scale (default 1; 0 shows why it exists)\n");
+    exit(1);
+}
+
+static double parse_number(const char* flag, const char* s, double lo, double hi) {
+    char* end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end || errno || !(v >= lo && v <= hi)) die("%s %s: expected a number in [%g, %g]", flag, s, lo, hi);
+    return v;
+}
+
+int main(int argc, char** argv) {
+    Options o = {.tokenizer = "tokenizer.bin", .mode = "generate", .thinking = 1, .fused = 1, .use_k_scale = 1};
+    float temperature = -1, top_p = -1, min_p = 0;
+    int top_k = 20;
+    uint64_t seed = (uint64_t)time(NULL);
+    int i = 1;
+    if (argc >= 2 && argv[1][0] != '-') o.checkpoint = argv[i++];
+    for (; i < argc; i += 2) {
+        const char* f = argv[i];
+        if (f[0] != '-' || !f[1] || f[2]) die("unknown argument %s (run with -h for help)", f);
+        if (f[1] == 'h') usage();
+        if (i + 1 >= argc) die("%s needs a value", f);
+        const char* v = argv[i + 1];
+        switch (f[1]) {
+            case 't': temperature = parse_number(f, v, 0, 100); break;
+            case 'p': top_p = parse_number(f, v, 1e-6, 1); break;
+            case 'k': top_k = (int)parse_number(f, v, 0, 1 << 22); break;
+            case 'P': min_p = parse_number(f, v, 0, 1); break;
+            case 's': seed = (uint64_t)parse_number(f, v, 0, 9e15); break;
+            case 'n': o.steps = (int)parse_number(f, v, 0, 1 << 24); break;
+            case 'c': o.context = (int)parse_number(f, v, 2, 1 << 24); break;
+            case 'r': o.thinking = (int)parse_number(f, v, 0, 1); break;
+            case 'v': o.verbose = (int)parse_number(f, v, 0, 1); break;
+            case 'a': o.fused = (int)parse_number(f, v, 0, 1); break;
+            case 'K': o.use_k_scale = (int)parse_number(f, v, 0, 1); break;
+            case 'e':
+                if (strcmp(v, "bf16") && strcmp(v, "fp16")) die("-e %s: expected bf16 or fp16", v);
+                o.kv_dtype = strcmp(v, "bf16") ? 2 : 1;
+                break;
+            case 'i': o.prompt = v; break;
+            case 'y': o.system = v; break;
+            case 'f': o.file = v; break;
+            case 'o': o.output = v; break;
+            case 'z': o.tokenizer = v; break;
+            case 'm': o.mode = v; break;
+            default: die("unknown flag %s (run with -h for help)", f);
+        }
+    }
+    const char* modes[] = {"generate", "chat", "ppl", "tokenize", "logits"};
+    int mode = -1;
+    for (int j = 0; j < 5; j++) if (!strcmp(o.mode, modes[j])) mode = j;
+    if (mode < 0) die("-m %s: expected generate, chat, ppl, tokenize or logits", o.mode);
+    if (o.kv_dtype == 0) o.kv_dtype = 1;
+    if (temperature < 0) temperature = o.thinking ? 0.6f : 0.7f;
+    if (top_p < 0) top_p = o.thinking ? 0.95f : 0.8f;
+
+    Tokenizer tokenizer;
+    if (mode != 4) tokenizer_load(&tokenizer, o.tokenizer);
+    if (mode == 3) { tokenize(&tokenizer, &o); tokenizer_free(&tokenizer); return 0; }
+    if (!o.checkpoint) die("no model given: run model.bin [options] (-h for help)");
+
+    static Model m;
+    double start = now_s();
+    load_checkpoint(&m, o.checkpoint);
+    int max = m.config.max_seq_len;
+    if (o.context > max) die("-c %d: the model's context is %d", o.context, max);
+    m.seq_len = o.context ? o.context : (max < 4096 ? max : 4096);
+    m.use_k_scale = o.use_k_scale;
+    m.need_logits = temperature > 0 || mode == 2 || mode == 4;
+#ifdef USE_CUDA
+    init_gpu(&m, o.kv_dtype == 1 ? DT_BF16 : DT_F16, o.fused);
+#else
+    init_cpu(&m);
+#endif
+    fprintf(stderr, "[loaded %s in %.2f s: %d layers, dim %d, %d:%d heads, context %d]\n", o.checkpoint,
+            now_s() - start, m.config.n_layers, m.config.dim, m.config.n_heads, m.config.n_kv_heads, m.seq_len);
+
+    Sampler sampler = {temperature, top_p, min_p, top_k, seed ? seed : 1, NULL};
+    sampler.candidates = xmalloc((size_t)m.config.vocab_size * sizeof(Candidate), "the sampler");
+    switch (mode) {
+        case 0: generate(&m, &tokenizer, &sampler, &o); break;
+        case 1: chat(&m, &tokenizer, &sampler, &o); break;
+        case 2: perplexity(&m, &tokenizer, &o); break;
+        case 4: logits_mode(&m, &o); break;
+    }
+    return 0;
+}

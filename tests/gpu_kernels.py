@@ -1,0 +1,451 @@
+"""Checks every CUDA launcher of kernels.h against a torch float64 reference, on the GPU machine.
+
+    python3 tests/gpu_kernels.py            all cases, then timings of the fused attention kernel
+    python3 tests/gpu_kernels.py --quick    a few small cases (for compute-sanitizer runs)
+
+Builds build/libkernels.so from the four .cu files when it is missing or its sources changed, loads it
+with ctypes, and calls the launchers on torch tensors (on torch's current stream). Inputs are fresh
+seeded random numbers, never zeros; outputs are poisoned with NaN first, so an unwritten element fails.
+Error measure: rel-L2 = ||out - ref|| / ||ref||. The reference runs in float64 on the same
+bf16/fp16-rounded inputs the kernel sees, so the only error left is the kernel's fp32 arithmetic:
+sums of n products carry ~sqrt(n) * 2^-24 relative error, far under 1e-5 for n <= 10^4, for every
+weight dtype. Values stored in a bf16/fp16 cache are compared with the unit roundoff of that dtype
+(2^-8, 2^-11), which bounds the rel-L2 of a rounding. Exits non-zero on any failure.
+"""
+import ctypes
+import hashlib
+import math
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES = ["rmsnorm.cu", "rope.cu", "matvec.cu", "attention.cu"]
+HEADERS = ["kernels.h", "common.cuh"]
+LIB = os.path.join(ROOT, "build", "libkernels.so")
+QUICK = "--quick" in sys.argv
+
+DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+NAME = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+TOL_F32 = 1e-5                                              # fp32 accumulation, see above
+TOL_STORE = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # one rounding to the cache dtype
+results = []  # (case, dtype, rel-L2, max abs err, threshold, ok)
+
+
+def build():
+    digest = hashlib.sha256(b"".join(open(os.path.join(ROOT, f), "rb").read() for f in SOURCES + HEADERS)).hexdigest()
+    stamp = LIB + ".sha256"
+    if os.path.exists(LIB) and os.path.exists(stamp) and open(stamp).read() == digest:
+        return
+    os.makedirs(os.path.dirname(LIB), exist_ok=True)
+    subprocess.run(["nvcc", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC", "-shared",
+                    "-o", LIB] + SOURCES, cwd=ROOT, check=True)
+    open(stamp, "w").write(digest)
+
+
+class AttentionLayer(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_void_p) for n in ("x", "rms_att", "wqkv", "bqkv", "q_norm", "k_norm")] + \
+               [("k_scale", ctypes.c_float)] + \
+               [(n, ctypes.c_void_p) for n in ("wo", "k_cache", "v_cache", "pos", "qkv", "att", "scratch")] + \
+               [(n, ctypes.c_int) for n in ("dim", "n_heads", "n_kv_heads", "head_dim", "seq_len", "wdtype", "kv_dtype")] + \
+               [("theta", ctypes.c_float), ("eps", ctypes.c_float)]
+
+
+build()
+lib = ctypes.CDLL(LIB)
+P, I, Fl, S = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+lib.rmsnorm_gpu.argtypes = [P, P, P, I, I, Fl, S]
+lib.qk_norm_rope_gpu.argtypes = [P, P, P, P, P, Fl, P, P, I, P, I, I, I, Fl, Fl, S]
+lib.matvec_gpu.argtypes = [P, P, I, P, P, I, I, I, S]
+lib.swiglu_matvec_gpu.argtypes = [P, P, I, P, I, I, S]
+lib.embed_gpu.argtypes = [P, P, I, P, I, S]
+lib.argmax_gpu.argtypes = [P, P, I, S]
+lib.attention_scratch_floats.argtypes = [I, I, I]
+lib.attention_scratch_floats.restype = ctypes.c_size_t
+lib.attention_gpu.argtypes = [P, P, P, P, I, P, I, I, I, I, Fl, P, S]
+lib.attention_fused_gpu.argtypes = [ctypes.POINTER(AttentionLayer), S]
+
+dev = torch.device("cuda")
+torch.manual_seed(20251121)
+
+
+def stream():
+    return torch.cuda.current_stream().cuda_stream
+
+
+def ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def nan_like(shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype, device=dev)
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=dev) * scale).to(dtype)
+
+
+def record(case, dtype, out, ref, tol, extra_ok=True):
+    out64, ref64 = out.double().flatten(), ref.double().flatten()
+    finite = bool(torch.isfinite(out64).all())
+    rel = float((out64 - ref64).norm() / ref64.norm()) if finite else float("nan")
+    mae = float((out64 - ref64).abs().max()) if finite else float("nan")
+    ok = finite and rel <= tol and extra_ok
+    results.append((case, dtype, rel, mae, tol, ok))
+    return ok
+
+
+def dev_int(v):
+    return torch.tensor([v], dtype=torch.int32, device=dev)
+
+
+# ---- references (float64) -----------------------------------------------------------------------
+
+def rmsnorm_ref(x, w, eps):
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+def inv_freq_hf(hd, theta):
+    # transformers' _compute_default_rope_parameters, computed on the CPU in fp32 as at model init
+    return 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).to(dtype=torch.float) / hd))
+
+
+def norm_rope_ref(x, w, pos, theta, eps):  # x (heads, hd); w (hd) or None
+    x = rmsnorm_ref(x, w, eps) if w is not None else x.double()
+    hd = x.shape[-1]
+    angle = (torch.tensor(float(pos), dtype=torch.float32) * inv_freq_hf(hd, theta)).double().to(dev)
+    c, s = angle.cos(), angle.sin()
+    a, b = x[..., : hd // 2], x[..., hd // 2:]
+    return torch.cat([a * c - b * s, b * c + a * s], -1)
+
+
+def attention_ref(q, kc, vc, pos, scale):  # q (H, hd); caches (seq, n_kv, hd)
+    H, hd = q.shape
+    n_kv = kc.shape[1]
+    K = kc[: pos + 1].double().repeat_interleave(H // n_kv, dim=1)  # (len, H, hd)
+    V = vc[: pos + 1].double().repeat_interleave(H // n_kv, dim=1)
+    p = torch.softmax(torch.einsum("hd,thd->ht", q.double(), K) * scale, -1)
+    return torch.einsum("ht,thd->hd", p, V)
+
+
+# ---- element-wise and matrix-vector launchers ---------------------------------------------------
+
+def test_rmsnorm():
+    for n, dim in [(1, 1024), (3, 2560), (1, 896), (2, 16)]:
+        x, w = randn(n, dim, scale=3.0), torch.rand(dim, device=dev) + 0.5
+        out = nan_like((n, dim))
+        lib.rmsnorm_gpu(ptr(out), ptr(x), ptr(w), n, dim, 1e-6, stream())
+        record(f"rmsnorm n={n} dim={dim}", "f32", out, rmsnorm_ref(x, w, 1e-6), TOL_F32)
+
+
+def test_matvec():
+    cases = [("LM head", 151936, 1024, torch.bfloat16), ("LM head", 151936, 1024, torch.float16),
+             ("LM head", 151936, 1024, torch.float32), ("o_proj 0.6B", 1024, 2048, torch.bfloat16),
+             ("down 0.6B", 1024, 3072, torch.bfloat16), ("qkv 2.5-0.5B bias", 1152, 896, torch.bfloat16),
+             ("scalar path cols%8!=0", 77, 1001, torch.bfloat16), ("scalar path cols%8!=0", 77, 1001, torch.float32),
+             ("tiny", 40, 16, torch.float16)]
+    if QUICK:
+        cases = [c for c in cases if c[1] < 10000][:4]
+    for name, rows, cols, dtype in cases:
+        w = randn(rows, cols, dtype=dtype, scale=1 / math.sqrt(cols))
+        x = randn(cols)
+        bias = randn(rows) if "bias" in name else None
+        ref = w.double() @ x.double() + (bias.double() if bias is not None else 0)
+        out = nan_like((rows,))
+        lib.matvec_gpu(ptr(out), ptr(w), DT[dtype], ptr(x), ptr(bias), rows, cols, 0, stream())
+        record(f"matvec {name} {rows}x{cols}", NAME[dtype], out, ref, TOL_F32)
+        if rows == 1024:  # accumulate: the residual add
+            resid = randn(rows)
+            out = resid.clone()
+            lib.matvec_gpu(ptr(out), ptr(w), DT[dtype], ptr(x), None, rows, cols, 1, stream())
+            record(f"matvec accumulate {rows}x{cols}", NAME[dtype], out, resid.double() + w.double() @ x.double(), TOL_F32)
+    # a weight pointer that is not 16-byte aligned takes the scalar path
+    rows, cols = 64, 1024
+    wbuf = randn(rows * cols + 1, dtype=torch.bfloat16)
+    w, x = wbuf[1:].view(rows, cols), randn(cols)
+    out = nan_like((rows,))
+    lib.matvec_gpu(ptr(out), ptr(w), DT[torch.bfloat16], ptr(x), None, rows, cols, 0, stream())
+    record("matvec unaligned w 64x1024", "bf16", out, w.double() @ x.double(), TOL_F32)
+
+
+def test_swiglu():
+    cases = [(3072, 1024, torch.bfloat16), (3072, 1024, torch.float16), (3072, 1024, torch.float32),
+             (9728, 2560, torch.bfloat16), (160, 112, torch.float32), (100, 60, torch.bfloat16)]
+    for hidden, dim, dtype in cases[:2] if QUICK else cases:
+        w = randn(2 * hidden, dim, dtype=dtype, scale=2 / math.sqrt(dim))
+        x = randn(dim)
+        z = w.double() @ x.double()
+        g, u = z[:hidden], z[hidden:]
+        ref = g * torch.sigmoid(g) * u
+        out = nan_like((hidden,))
+        lib.swiglu_matvec_gpu(ptr(out), ptr(w), DT[dtype], ptr(x), hidden, dim, stream())
+        record(f"swiglu hidden={hidden} dim={dim}", NAME[dtype], out, ref, TOL_F32)
+
+
+def test_embed_argmax():
+    for vocab, dim, dtype in [(151936, 1024, torch.bfloat16), (512, 16, torch.float32), (512, 64, torch.float16)]:
+        emb = randn(vocab, dim, dtype=dtype)
+        tok = vocab - 1 - int(torch.randint(0, 3, (1,)))
+        out = nan_like((dim,))
+        lib.embed_gpu(ptr(out), ptr(emb), DT[dtype], ptr(dev_int(tok)), dim, stream())
+        record(f"embed vocab={vocab} dim={dim} tok={tok}", NAME[dtype], out, emb[tok], 0.0)
+    for n, tie in [(151936, False), (151936, True), (7, True), (1000, False)]:
+        logits = randn(n)
+        if tie:  # equal maxima: the lowest index wins
+            i, j = sorted(torch.randperm(n)[:2].tolist())
+            logits[i] = logits[j] = logits.max() + 1
+        out = torch.full((1,), -1, dtype=torch.int32, device=dev)
+        lib.argmax_gpu(ptr(out), ptr(logits), n, stream())
+        ref = int(torch.argmax(logits))  # torch returns the first maximal index
+        got = int(out)
+        results.append((f"argmax n={n}{' tie' if tie else ''} ({got} vs {ref})", "f32", 0.0 if got == ref else 1.0,
+                        float(got != ref), 0.0, got == ref))
+
+
+# ---- q/k norm + RoPE + cache store ----------------------------------------------------------------
+
+def kv_gains(hd, outliers):
+    w = torch.rand(hd, device=dev) * 1.6 + 1.5  # median near 2.3, as Qwen3-0.6B's k_norm
+    if outliers:
+        w[torch.randperm(hd)[:3]] = torch.tensor([96.5, 42.0, 27.5], device=dev)
+    return w
+
+
+def test_qk_norm_rope():
+    # (name, n_heads, n_kv, hd, pos, kv dtype, qk norm, input scale, k_scale, theta)
+    cases = [("0.6B", 16, 8, 128, 1500, torch.bfloat16, True, 1.0, 1.0, 1e6),
+             ("0.6B x1000 stress", 16, 8, 128, 1500, torch.float16, True, 1000.0, 8.0, 1e6),
+             ("0.6B pos 40000", 16, 8, 128, 40000, torch.float16, True, 1.0, 2.0, 1e6),
+             ("2.5-0.5B no norm", 14, 2, 64, 3000, torch.bfloat16, False, 1.0, 1.0, 1e6),
+             ("ratio 7 hd16", 7, 1, 16, 2, torch.float16, False, 1.0, 1.0, 1e6),
+             ("hd8", 4, 2, 8, 0, torch.bfloat16, True, 1.0, 1.0, 1e4)]
+    for name, nh, nkv, hd, pos, kvdt, has_norm, xs, k_scale, theta in cases[:3] if QUICK else cases:
+        seq = pos + 2
+        q, k, v = randn(nh, hd, scale=xs), randn(nkv, hd, scale=xs), randn(nkv, hd, scale=xs)
+        qw = (torch.rand(hd, device=dev) + 0.5) if has_norm else None
+        kw = kv_gains(hd, True) if has_norm else None
+        kc, vc = nan_like((seq, nkv, hd), kvdt), nan_like((seq, nkv, hd), kvdt)
+        q_ref, k_ref = norm_rope_ref(q, qw, pos, theta, 1e-6), norm_rope_ref(k, kw, pos, theta, 1e-6)
+        v_ref = v.double()
+        lib.qk_norm_rope_gpu(ptr(q), ptr(k), ptr(v), ptr(qw), ptr(kw), k_scale, ptr(kc), ptr(vc), DT[kvdt],
+                             ptr(dev_int(pos)), nh, nkv, hd, theta, 1e-6, stream())
+        others_untouched = bool(torch.isnan(kc[:pos].float()).all() and torch.isnan(vc[:pos].float()).all())
+        record(f"qk_norm_rope {name} q pos={pos}", "f32", q, q_ref, TOL_F32)
+        record(f"qk_norm_rope {name} k pos={pos}", "f32", k, k_ref, TOL_F32)
+        record(f"qk_norm_rope {name} K cache row (k/{k_scale:g})", NAME[kvdt], kc[pos], k_ref / k_scale,
+               TOL_STORE[kvdt], others_untouched)
+        record(f"qk_norm_rope {name} V cache row", NAME[kvdt], vc[pos], v_ref, TOL_STORE[kvdt])
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+def run_attention(q, kc, vc, pos, scale):
+    H, hd = q.shape
+    seq, nkv, _ = kc.shape
+    scratch = nan_like((lib.attention_scratch_floats(H, hd, seq),))
+    out = nan_like((H, hd))
+    lib.attention_gpu(ptr(out), ptr(q), ptr(kc), ptr(vc), DT[kc.dtype], ptr(dev_int(pos)), H, nkv, hd, seq, scale,
+                      ptr(scratch), stream())
+    return out
+
+
+def test_attention_seeds():
+    """The seeds' attention cases: MHA and GQA, H in {8..128}, head_dim 64/128, fp16/bf16 caches;
+    torch.allclose(rtol=1e-3, atol=2e-3) against SDPA in fp32 and rel-L2 against fp64."""
+    seq = 2048
+    cases = []
+    for kvdt in (torch.float16, torch.bfloat16):
+        for hd in (64, 128):
+            for H in (8, 16, 32, 64, 96, 128):
+                for nkv in (H, max(1, H // 8)):
+                    cases.append((H, nkv, hd, kvdt))
+    cases.append((64, 4, 128, torch.bfloat16))  # group of 16: two subgroups of 8 heads per KV head
+    cases.append((14, 2, 64, torch.bfloat16))   # Qwen2.5-0.5B, group 7
+    if QUICK:
+        cases = [(16, 8, 128, torch.bfloat16), (14, 2, 64, torch.float16), (64, 4, 128, torch.bfloat16)]
+    for i, (H, nkv, hd, kvdt) in enumerate(cases):
+        pos = [seq - 1, 0, 63, 64, 1000, 1500][i % 6] if not QUICK else [200, 70, 1000][i]
+        q = randn(H, hd)
+        kc, vc = randn(seq, nkv, hd, dtype=kvdt), randn(seq, nkv, hd, dtype=kvdt)
+        scale = 1 / math.sqrt(hd)
+        out = run_attention(q, kc, vc, pos, scale)
+        ref = attention_ref(q, kc, vc, pos, scale)
+        sdpa = F.scaled_dot_product_attention(q[None, :, None, :], kc[: pos + 1].float().transpose(0, 1)[None],
+                                              vc[: pos + 1].float().transpose(0, 1)[None], scale=scale,
+                                              enable_gqa=True)[0, :, 0, :]
+        close = torch.allclose(out, sdpa, rtol=1e-3, atol=2e-3)
+        kind = "MHA" if H == nkv else f"GQA {H // nkv}"
+        record(f"attention {kind} H={H} kv={nkv} hd={hd} pos={pos} (allclose SDPA: {close})", NAME[kvdt], out, ref,
+               TOL_F32, close)
+
+
+# ---- the fused attention half of a layer ----------------------------------------------------------
+
+SHAPES = {  # name: dim, n_heads, n_kv_heads, head_dim, bias, qk norm
+    "Qwen3-0.6B": (1024, 16, 8, 128, False, True),
+    "Qwen3-4B": (2560, 32, 8, 128, False, True),
+    "Qwen2.5-0.5B": (896, 14, 2, 64, True, False),
+    "tiny ratio 7": (112, 7, 1, 16, True, False),
+    "tiny qwen3 gqa2": (64, 4, 2, 32, False, True),
+}
+
+
+def make_layer(shape, wdt, kvdt, seq, k_scale=1.0):
+    dim, nh, nkv, hd, bias, norm = SHAPES[shape]
+    qkv_rows = (nh + 2 * nkv) * hd
+    L = dict(dim=dim, nh=nh, nkv=nkv, hd=hd, seq=seq, wdt=wdt, kvdt=kvdt, k_scale=k_scale,
+             x=randn(dim, scale=2.0), rms_att=torch.rand(dim, device=dev) + 0.5,
+             wqkv=randn(qkv_rows, dim, dtype=wdt, scale=1 / math.sqrt(dim)),
+             bqkv=randn(qkv_rows, scale=0.5) if bias else None,
+             q_norm=(torch.rand(hd, device=dev) + 0.5) if norm else None,
+             k_norm=kv_gains(hd, False) if norm else None,
+             wo=randn(dim, nh * hd, dtype=wdt, scale=1 / math.sqrt(nh * hd)),
+             kc=randn(seq, nkv, hd, dtype=kvdt), vc=randn(seq, nkv, hd, dtype=kvdt))
+    return L
+
+
+def unfused_chain(L, x, kc, vc, pos_t, bufs):
+    dim, nh, nkv, hd, wd = L["dim"], L["nh"], L["nkv"], L["hd"], DT[L["wdt"]]
+    xn, qkv, att, scratch = bufs
+    s = stream()
+    lib.rmsnorm_gpu(ptr(xn), ptr(x), ptr(L["rms_att"]), 1, dim, 1e-6, s)
+    lib.matvec_gpu(ptr(qkv), ptr(L["wqkv"]), wd, ptr(xn), ptr(L["bqkv"]), qkv.numel(), dim, 0, s)
+    q, k, v = qkv[: nh * hd], qkv[nh * hd: (nh + nkv) * hd], qkv[(nh + nkv) * hd:]
+    lib.qk_norm_rope_gpu(ptr(q), ptr(k), ptr(v), ptr(L["q_norm"]), ptr(L["k_norm"]), L["k_scale"], ptr(kc), ptr(vc),
+                         DT[L["kvdt"]], ptr(pos_t), nh, nkv, hd, 1e6, 1e-6, s)
+    lib.attention_gpu(ptr(att), ptr(q), ptr(kc), ptr(vc), DT[L["kvdt"]], ptr(pos_t), nh, nkv, hd, L["seq"],
+                      L["k_scale"] / math.sqrt(hd), ptr(scratch), s)
+    lib.matvec_gpu(ptr(x), ptr(L["wo"]), wd, ptr(att), None, dim, nh * hd, 1, s)
+
+
+def chain_buffers(L):
+    nh, nkv, hd = L["nh"], L["nkv"], L["hd"]
+    return (nan_like((L["dim"],)), nan_like(((nh + 2 * nkv) * hd,)), nan_like((nh * hd,)),
+            nan_like((lib.attention_scratch_floats(nh, hd, L["seq"]),)))
+
+
+def fused_struct(L, x, kc, vc, pos_t, bufs):
+    _, qkv, att, scratch = bufs
+    return AttentionLayer(ptr(x), ptr(L["rms_att"]), ptr(L["wqkv"]), ptr(L["bqkv"]), ptr(L["q_norm"]),
+                          ptr(L["k_norm"]), L["k_scale"], ptr(L["wo"]), ptr(kc), ptr(vc), ptr(pos_t), ptr(qkv),
+                          ptr(att), ptr(scratch), L["dim"], L["nh"], L["nkv"], L["hd"], L["seq"], DT[L["wdt"]],
+                          DT[L["kvdt"]], 1e6, 1e-6)
+
+
+def layer_ref(L, x, kc, pos):  # the x increment in float64; kc is the cache the kernel wrote
+    nh, nkv, hd = L["nh"], L["nkv"], L["hd"]
+    h = rmsnorm_ref(x, L["rms_att"], 1e-6)
+    qkv = L["wqkv"].double() @ h + (L["bqkv"].double() if L["bqkv"] is not None else 0)
+    q = norm_rope_ref(qkv[: nh * hd].view(nh, hd), L["q_norm"], pos, 1e6, 1e-6)
+    att = attention_ref(q, kc, L["vc_after"], pos, L["k_scale"] / math.sqrt(hd))
+    return L["wo"].double() @ att.flatten()
+
+
+def test_fused():
+    cases = [("Qwen3-0.6B", torch.bfloat16, torch.bfloat16, 8192, [0, 1, 127, 2049, 5000]),
+             ("Qwen3-0.6B", torch.float32, torch.float16, 4096, [300, 4095]),
+             ("Qwen3-4B", torch.bfloat16, torch.bfloat16, 8192, [5, 4100]),
+             ("Qwen2.5-0.5B", torch.bfloat16, torch.bfloat16, 8192, [0, 2500, 8191]),
+             ("Qwen2.5-0.5B", torch.float16, torch.float16, 1024, [700]),
+             ("tiny ratio 7", torch.float32, torch.bfloat16, 512, [0, 33, 511]),
+             ("tiny qwen3 gqa2", torch.bfloat16, torch.float16, 512, [3, 300])]
+    if QUICK:
+        cases = [("Qwen3-0.6B", torch.bfloat16, torch.bfloat16, 1024, [700]),
+                 ("Qwen2.5-0.5B", torch.float32, torch.float16, 256, [100]), ("tiny ratio 7", torch.float32, torch.bfloat16, 128, [5])]
+    for shape, wdt, kvdt, seq, positions in cases:
+        L = make_layer(shape, wdt, kvdt, seq, k_scale=2.0 if kvdt == torch.float16 else 1.0)
+        for pos in positions:
+            pos_t = dev_int(pos)
+            x_u, kc_u, vc_u = L["x"].clone(), L["kc"].clone(), L["vc"].clone()
+            unfused_chain(L, x_u, kc_u, vc_u, pos_t, chain_buffers(L))
+            x_f, kc_f, vc_f = L["x"].clone(), L["kc"].clone(), L["vc"].clone()
+            bufs = chain_buffers(L)
+            lib.attention_fused_gpu(ctypes.byref(fused_struct(L, x_f, kc_f, vc_f, pos_t, bufs)), stream())
+            L["vc_after"] = vc_f
+            ref = layer_ref(L, L["x"], kc_f, pos)
+            tag = f"{shape} w={NAME[wdt]} pos={pos} seq={seq}"
+            d_u, d_f = x_u.double() - L["x"].double(), x_f.double() - L["x"].double()
+            caches_equal = bool(torch.equal(kc_u, kc_f) and torch.equal(vc_u, vc_f))
+            record(f"fused vs unfused: x increment, {tag} (caches equal: {caches_equal})", NAME[kvdt], d_f, d_u,
+                   TOL_F32, caches_equal)
+            record(f"fused vs fp64: x increment, {tag}", NAME[kvdt], d_f, ref, 1e-4)
+            record(f"unfused vs fp64: x increment, {tag}", NAME[kvdt], d_u, ref, 1e-4)
+
+
+# ---- timings ------------------------------------------------------------------------------------
+
+def time_fused(report):
+    """Qwen3-0.6B attention half, bf16 weights and KV, 8 layers' weights and caches in rotation so the
+    ~12.6 MB per layer cannot sit in the 50 MB L2. Median over 50 batches of 8 layers."""
+    layers = [make_layer("Qwen3-0.6B", torch.bfloat16, torch.bfloat16, 8192) for _ in range(8)]
+    bufs = [chain_buffers(L) for L in layers]
+    wbytes = layers[0]["wqkv"].numel() * 2 + layers[0]["wo"].numel() * 2
+    for pos in (128, 4096):
+        pos_t = dev_int(pos)
+        kvbytes = (pos + 1) * 8 * 128 * 2 * 2
+        predicted = (wbytes + kvbytes) / 3.0e12 * 1e6
+        structs = [fused_struct(L, L["x"], L["kc"], L["vc"], pos_t, b) for L, b in zip(layers, bufs)]
+
+        def fused():
+            for st in structs:
+                lib.attention_fused_gpu(ctypes.byref(st), stream())
+
+        def unfused():
+            for L, b in zip(layers, bufs):
+                unfused_chain(L, L["x"], L["kc"], L["vc"], pos_t, b)
+
+        timings = {"fused": median_us(fused), "unfused chain": median_us(unfused)}
+        for name, fn in (("unfused chain, CUDA graph", unfused), ("fused, CUDA graph", fused)):
+            try:
+                g = torch.cuda.CUDAGraph()
+                fn()
+                torch.cuda.synchronize()
+                with torch.cuda.graph(g):
+                    fn()
+                timings[name] = median_us(g.replay)
+            except Exception as e:  # report, do not fail: graph capture is the driver's business
+                timings[name] = f"capture failed: {str(e)[:80]}"
+        for name, t in timings.items():
+            report.append((pos, name, t, predicted))
+
+
+def median_us(fn, reps=50):
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / 8)
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    for test in (test_rmsnorm, test_matvec, test_swiglu, test_embed_argmax, test_qk_norm_rope, test_attention_seeds,
+                 test_fused):
+        test()
+        torch.cuda.synchronize()
+    report = []
+    if not QUICK:
+        time_fused(report)
+        print("\ntimings, Qwen3-0.6B attention half per layer (bf16 weights, bf16 KV), median us:")
+        for pos, name, t, predicted in report:
+            tt = f"{t:8.2f}" if isinstance(t, float) else t
+            print(f"  pos {pos:5d}  {name:28s} {tt}   (bytes / 3 TB/s: {predicted:.2f})")
+    print(f"\n{'case':100s} {'dtype':5s} {'rel-L2':>9s} {'max abs':>9s} {'tol':>8s}  result")
+    for case, dtype, rel, mae, tol, ok in results:
+        print(f"{case:100s} {dtype:5s} {rel:9.2e} {mae:9.2e} {tol:8.1e}  {'pass' if ok else 'FAIL'}")
+    n_fail = sum(not r[5] for r in results)
+    print(f"\n{len(results) - n_fail}/{len(results)} passed")
+    sys.exit(1 if n_fail else 0)
+
+
+main()
