@@ -308,18 +308,28 @@ def make_layer(shape, wdt, kvdt, seq, k_scale=1.0):
     return L
 
 
-def unfused_chain(L, x, kc, vc, pos_t, bufs):
+def unfused_steps(L, x, kc, vc, pos_t, bufs):
+    """The unfused chain as (name, launch) steps: rmsnorm, qkv matvec, qk_norm_rope, attention, o_proj."""
     dim, nh, nkv, hd, wd = L["dim"], L["nh"], L["nkv"], L["hd"], DT[L["wdt"]]
     xn, qkv, att, scratch = bufs
-    s = stream()
-    lib.rmsnorm_gpu(ptr(xn), ptr(x), ptr(L["rms_att"]), 1, dim, 1e-6, s)
-    lib.matvec_gpu(ptr(qkv), ptr(L["wqkv"]), wd, ptr(xn), ptr(L["bqkv"]), qkv.numel(), dim, 0, s)
     q, k, v = qkv[: nh * hd], qkv[nh * hd: (nh + nkv) * hd], qkv[(nh + nkv) * hd:]
-    lib.qk_norm_rope_gpu(ptr(q), ptr(k), ptr(v), ptr(L["q_norm"]), ptr(L["k_norm"]), L["k_scale"], ptr(kc), ptr(vc),
-                         DT[L["kvdt"]], ptr(pos_t), nh, nkv, hd, 1e6, 1e-6, s)
-    lib.attention_gpu(ptr(att), ptr(q), ptr(kc), ptr(vc), DT[L["kvdt"]], ptr(pos_t), nh, nkv, hd, L["seq"],
-                      L["k_scale"] / math.sqrt(hd), ptr(scratch), s)
-    lib.matvec_gpu(ptr(x), ptr(L["wo"]), wd, ptr(att), None, dim, nh * hd, 1, s)
+    return [
+        ("rmsnorm", lambda: lib.rmsnorm_gpu(ptr(xn), ptr(x), ptr(L["rms_att"]), 1, dim, 1e-6, stream())),
+        ("qkv matvec", lambda: lib.matvec_gpu(ptr(qkv), ptr(L["wqkv"]), wd, ptr(xn), ptr(L["bqkv"]), qkv.numel(), dim,
+                                              0, stream())),
+        ("qk_norm_rope", lambda: lib.qk_norm_rope_gpu(ptr(q), ptr(k), ptr(v), ptr(L["q_norm"]), ptr(L["k_norm"]),
+                                                      L["k_scale"], ptr(kc), ptr(vc), DT[L["kvdt"]], ptr(pos_t), nh,
+                                                      nkv, hd, 1e6, 1e-6, stream())),
+        ("attention", lambda: lib.attention_gpu(ptr(att), ptr(q), ptr(kc), ptr(vc), DT[L["kvdt"]], ptr(pos_t), nh, nkv,
+                                                hd, L["seq"], L["k_scale"] / math.sqrt(hd), ptr(scratch), stream())),
+        ("o_proj matvec + residual", lambda: lib.matvec_gpu(ptr(x), ptr(L["wo"]), wd, ptr(att), None, dim, nh * hd, 1,
+                                                            stream())),
+    ]
+
+
+def unfused_chain(L, x, kc, vc, pos_t, bufs):
+    for _, step in unfused_steps(L, x, kc, vc, pos_t, bufs):
+        step()
 
 
 def chain_buffers(L):
@@ -369,9 +379,12 @@ def test_fused():
             ref = layer_ref(L, L["x"], kc_f, pos)
             tag = f"{shape} w={NAME[wdt]} pos={pos} seq={seq}"
             d_u, d_f = x_u.double() - L["x"].double(), x_f.double() - L["x"].double()
-            caches_equal = bool(torch.equal(kc_u, kc_f) and torch.equal(vc_u, vc_f))
-            record(f"fused vs unfused: x increment, {tag} (caches equal: {caches_equal})", NAME[kvdt], d_f, d_u,
-                   TOL_F32, caches_equal)
+            # row pos may differ by one rounding of the cache dtype where q/k differ in the last fp32 bit
+            others_equal = bool(torch.equal(kc_u[:pos], kc_f[:pos]) and torch.equal(vc_u[:pos], vc_f[:pos]))
+            record(f"fused vs unfused: x increment, {tag}", NAME[kvdt], d_f, d_u, TOL_F32)
+            record(f"fused vs unfused: K,V cache row pos, rows < pos untouched: {others_equal}, {tag}", NAME[kvdt],
+                   torch.stack([kc_f[pos], vc_f[pos]]), torch.stack([kc_u[pos], vc_u[pos]]), TOL_STORE[kvdt],
+                   others_equal)
             record(f"fused vs fp64: x increment, {tag}", NAME[kvdt], d_f, ref, 1e-4)
             record(f"unfused vs fp64: x increment, {tag}", NAME[kvdt], d_u, ref, 1e-4)
 
@@ -399,7 +412,12 @@ def time_fused(report):
                 unfused_chain(L, L["x"], L["kc"], L["vc"], pos_t, b)
 
         timings = {"fused": median_us(fused), "unfused chain": median_us(unfused)}
-        for name, fn in (("unfused chain, CUDA graph", unfused), ("fused, CUDA graph", fused)):
+        graphs = [("unfused chain, CUDA graph", unfused), ("fused, CUDA graph", fused)]
+        for i, (step, _) in enumerate(unfused_steps(layers[0], layers[0]["x"], layers[0]["kc"], layers[0]["vc"],
+                                                    pos_t, bufs[0])):
+            steps = [unfused_steps(L, L["x"], L["kc"], L["vc"], pos_t, b)[i][1] for L, b in zip(layers, bufs)]
+            graphs.append((f"  step {step}, graph", lambda steps=steps: [f() for f in steps]))
+        for name, fn in graphs:
             try:
                 g = torch.cuda.CUDAGraph()
                 fn()

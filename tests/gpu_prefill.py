@@ -1,0 +1,345 @@
+"""GPU checks and timings of the prefill launchers (prefill.h): matmul_gpu, swiglu_gpu,
+qk_norm_rope_batch_gpu, attention_prefill_gpu.
+
+Runs on the GPU machine, from the repo root: python3 tests/gpu_prefill.py
+Builds build/libprefill.so from matmul.cu and prefill_attention.cu, calls it through ctypes on
+torch tensors, and compares with torch float64 references on the same rounded inputs.
+
+Thresholds (relative L2 error):
+  matmul, 16-bit weights, vs float64 of (x rounded to w's type) . w: 1e-4 (only fp32 accumulation
+    order differs); vs float64 of the unrounded fp32 x: 3e-3 bf16, 5e-4 fp16 (x's rounding)
+  matmul, fp32 weights: 1e-6; swiglu 1e-6; q after norm + RoPE 1e-5
+  cache rows written by qk_norm_rope_batch vs the float64 reference rounded to the cache type:
+    2e-3 bf16, 3e-4 fp16 (a tie may round the other way); rows outside pos0..pos0+T-1 unchanged
+  attention, tensor cores: 5e-3 bf16, 1e-3 fp16 (P is rounded to 16 bits for P V, the reference
+    keeps it in float64); CUDA-core fallback 1e-4
+Timings: CUDA events, median over reps of batches of calls, after warm-up. SDPA shapes (B,H,S,D)
+are run by our launcher as one sequence of B*H heads (same FLOPs, our cache layout).
+Prints one table last; exits non-zero on any correctness failure.
+"""
+import ctypes
+import math
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIB = os.path.join(ROOT, "build", "libprefill.so")
+DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+NAME = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.set_grad_enabled(False)
+dev = torch.device("cuda")
+rows, failures = [], []
+
+
+def build():
+    os.makedirs(os.path.dirname(LIB), exist_ok=True)
+    cmd = ["nvcc", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
+           "-o", LIB, "matmul.cu", "prefill_attention.cu"]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    lib = ctypes.CDLL(LIB)
+    P, I, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.matmul_gpu.argtypes = [P, P, I, P, P, I, I, I, I, P]
+    lib.swiglu_gpu.argtypes = [P, P, I, I, P]
+    lib.qk_norm_rope_batch_gpu.argtypes = [P, P, P, Fl, P, P, I, I, I, I, I, I, Fl, Fl, P]
+    lib.attention_prefill_gpu.argtypes = [P, P, P, P, I, I, I, I, I, I, Fl, P]
+    for f in (lib.matmul_gpu, lib.swiglu_gpu, lib.qk_norm_rope_batch_gpu, lib.attention_prefill_gpu):
+        f.restype = None
+    return lib
+
+
+lib = build()
+STREAM = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+
+def p(t):
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def rel(out, ref):
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return math.inf
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def check(case, err, tol, ours_us=None, torch_us=None):
+    ok = err <= tol
+    if not ok:
+        failures.append(f"{case}: rel err {err:.3e} > {tol:.0e}")
+    rows.append((case, err, tol, ours_us, torch_us))
+
+
+def bench(fn, inner=10, reps=30):
+    """median microseconds per call: events around batches of `inner` calls, after warm-up"""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(inner):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / inner)
+    times.sort()
+    return times[len(times) // 2]
+
+
+# ---- matmul ------------------------------------------------------------------------------------
+
+def matmul(out, w, x, bias, accumulate):
+    T, cols = x.shape
+    lib.matmul_gpu(p(out), p(w), DT[w.dtype], p(x), p(bias), T, w.shape[0], cols, accumulate, STREAM)
+
+
+def check_matmul(gen):
+    cases = [(1, 8, 8), (37, 136, 40), (130, 264, 1000), (257, 1000, 72), (2048, 4096, 1024), (5, 151936, 1024)]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for i, (T, R, C) in enumerate(cases):
+            if dtype == torch.float32 and R > 10000:
+                continue
+            x = torch.randn(T, C, generator=gen, device=dev)
+            w = (torch.randn(R, C, generator=gen, device=dev) / math.sqrt(C)).to(dtype)
+            bias = torch.randn(R, generator=gen, device=dev) if i % 2 else None
+            accumulate = i % 3 == 1
+            prev = torch.randn(T, R, generator=gen, device=dev)
+            out = prev.clone() if accumulate else torch.full((T, R), float("nan"), device=dev)
+            matmul(out, w, x, bias, int(accumulate))
+            torch.cuda.synchronize()
+            base = (prev.double() if accumulate else 0) + (bias.double() if bias is not None else 0)
+            ref_r = base + x.to(dtype).double() @ w.double().T
+            ref_x = base + x.double() @ w.double().T
+            case = f"matmul {NAME[dtype]} T={T} {R}x{C}{' +bias' if bias is not None else ''}{' +=' if accumulate else ''}"
+            if dtype == torch.float32:
+                check(case, rel(out, ref_r), 1e-6)
+            else:
+                check(case + " (rounded x)", rel(out, ref_r), 1e-4)
+                check(case + " (fp32 x)", rel(out, ref_x), 3e-3 if dtype == torch.bfloat16 else 5e-4)
+
+
+def check_swiglu(gen):
+    for T, H in ((1, 8), (33, 3072)):
+        gu = torch.randn(T, 2 * H, generator=gen, device=dev) * 3
+        h = torch.full((T, H), float("nan"), device=dev)
+        lib.swiglu_gpu(p(h), p(gu), T, H, STREAM)
+        torch.cuda.synchronize()
+        g, u = gu.double()[:, :H], gu.double()[:, H:]
+        check(f"swiglu T={T} hidden={H}", rel(h, F.silu(g) * u), 1e-6)
+
+
+# ---- qk_norm + RoPE + cache store --------------------------------------------------------------
+
+def rope_ref(x, w, pos, theta, eps):
+    """x (T, heads, hd) float64; transformers' fp32 inv_freq and angle, cos/sin of that angle in float64"""
+    hd = x.shape[-1]
+    if w is not None:
+        x = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * w.double()
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))  # CPU fp32, as HF
+    angle = (pos.float().cpu()[:, None] * inv_freq[None, :]).to(dev).double()[:, None, :]
+    c, s = angle.cos(), angle.sin()
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+
+def check_rope(gen):
+    cases = [  # T, pos0, heads, kv heads, hd, norms, k_scale, cache dtype
+        (37, 100, 16, 8, 128, True, 1.0, torch.bfloat16),
+        (64, 30000, 16, 8, 128, True, 4.0, torch.float16),
+        (19, 0, 14, 2, 64, False, 1.0, torch.bfloat16),
+    ]
+    theta, eps = 1e6, 1e-6
+    for T, pos0, nh, nkv, hd, norms, k_scale, kvt in cases:
+        seq = pos0 + T + 8
+        qkv = torch.randn(T, (nh + 2 * nkv) * hd, generator=gen, device=dev) * 2
+        qn = torch.rand(hd, generator=gen, device=dev) * 2 + 0.5 if norms else None
+        kn = torch.rand(hd, generator=gen, device=dev) * 2 + 0.5 if norms else None
+        if norms:
+            kn[3] = 96.5  # Qwen3-0.6B layer 0's outlier gain
+        kc = torch.randn(seq, nkv, hd, generator=gen, device=dev).to(kvt)
+        vc = torch.randn(seq, nkv, hd, generator=gen, device=dev).to(kvt)
+        kc0, vc0, x0 = kc.clone(), vc.clone(), qkv.double()
+        lib.qk_norm_rope_batch_gpu(p(qkv), p(qn), p(kn), k_scale, p(kc), p(vc), DT[kvt], pos0, T, nh, nkv, hd,
+                                   theta, eps, STREAM)
+        torch.cuda.synchronize()
+        pos = torch.arange(pos0, pos0 + T, device=dev)
+        q_ref = rope_ref(x0[:, : nh * hd].view(T, nh, hd), qn, pos, theta, eps)
+        k_ref = rope_ref(x0[:, nh * hd: (nh + nkv) * hd].view(T, nkv, hd), kn, pos, theta, eps)
+        v_ref = x0[:, (nh + nkv) * hd:].view(T, nkv, hd)
+        case = f"qk_norm_rope {NAME[kvt]} T={T} pos0={pos0} {nh}:{nkv} hd={hd}{'' if norms else ' no-norm'}"
+        check(case + " q", rel(qkv[:, : nh * hd].view(T, nh, hd), q_ref), 1e-5)
+        check(case + " k", rel(qkv[:, nh * hd: (nh + nkv) * hd].view(T, nkv, hd), k_ref), 1e-5)
+        ctol = 2e-3 if kvt == torch.bfloat16 else 3e-4
+        check(case + " k cache", rel(kc[pos0: pos0 + T], (k_ref / k_scale).to(kvt)), ctol)
+        check(case + " v cache", rel(vc[pos0: pos0 + T], v_ref.to(kvt)), ctol)
+        outside = torch.ones(seq, dtype=torch.bool, device=dev)
+        outside[pos0: pos0 + T] = False
+        same = torch.equal(kc[outside], kc0[outside]) and torch.equal(vc[outside], vc0[outside])
+        check(case + " other rows untouched", 0.0 if same else math.inf, 0.0)
+
+
+# ---- attention ---------------------------------------------------------------------------------
+
+def make_attention(gen, T, pos0, nh, nkv, hd, kvt, q_gain=1.0):
+    """qkv rows and a cache whose rows 0..pos0+T-1 hold random K/V and whose later rows hold NaN"""
+    seq = pos0 + T + 16
+    qkv = torch.randn(T, (nh + 2 * nkv) * hd, generator=gen, device=dev) * q_gain
+    kc = torch.randn(seq, nkv, hd, generator=gen, device=dev).to(kvt)
+    vc = torch.randn(seq, nkv, hd, generator=gen, device=dev).to(kvt)
+    kc[pos0 + T:] = float("nan")
+    vc[pos0 + T:] = float("nan")
+    return qkv, kc, vc
+
+
+def attention(out, qkv, kc, vc, pos0, T, nh, nkv, hd, scale):
+    lib.attention_prefill_gpu(p(out), p(qkv), p(kc), p(vc), DT[kc.dtype], pos0, T, nh, nkv, hd, scale, STREAM)
+
+
+def attention_ref(qkv, kc, vc, pos0, T, nh, nkv, hd, scale):
+    q = qkv[:, : nh * hd].view(T, nh, hd).to(kc.dtype).double().transpose(0, 1)  # (nh, T, hd)
+    n = pos0 + T
+    k = kc[:n].double().transpose(0, 1).repeat_interleave(nh // nkv, 0)  # (nh, n, hd)
+    v = vc[:n].double().transpose(0, 1).repeat_interleave(nh // nkv, 0)
+    s = q @ k.transpose(1, 2) * scale
+    mask = torch.arange(n, device=dev)[None, :] > (pos0 + torch.arange(T, device=dev))[:, None]
+    s = s.masked_fill(mask, -math.inf)
+    return (s.softmax(-1) @ v).transpose(0, 1).reshape(T, nh * hd)
+
+
+def check_attention(gen):
+    cases = [  # T, pos0, heads, kv heads, hd, cache dtype, q gain
+        (512, 0, 8, 8, 64, torch.bfloat16, 1.0),      # SDPA (1,8,512,64)
+        (2048, 0, 16, 16, 64, torch.bfloat16, 1.0),   # SDPA (2,8,2048,64)
+        (2048, 0, 16, 16, 128, torch.bfloat16, 1.0),  # SDPA (2,8,2048,128)
+        (200, 0, 16, 8, 128, torch.bfloat16, 3.0),    # GQA 2:1, Qwen3-0.6B heads, peaked softmax
+        (100, 37, 32, 8, 128, torch.bfloat16, 1.0),   # GQA 4:1
+        (77, 300, 14, 2, 64, torch.bfloat16, 1.0),    # GQA 7:1, Qwen2.5-0.5B heads
+        (65, 1000, 16, 8, 128, torch.bfloat16, 1.0),  # pre-filled cache, T not a tile multiple
+        (1, 50, 16, 8, 128, torch.bfloat16, 1.0),     # one token
+        (300, 129, 16, 8, 128, torch.float16, 1.0),
+        (131, 5, 14, 2, 64, torch.float16, 2.0),
+        (70, 10, 8, 4, 32, torch.bfloat16, 1.0),      # CUDA-core fallback head dims
+        (33, 7, 6, 2, 96, torch.float16, 1.0),
+        (40, 20, 4, 4, 256, torch.bfloat16, 1.0),
+        (25, 3, 4, 1, 8, torch.bfloat16, 1.0),
+    ]
+    for T, pos0, nh, nkv, hd, kvt, gain in cases:
+        qkv, kc, vc = make_attention(gen, T, pos0, nh, nkv, hd, kvt, gain)
+        scale = 1.0 / math.sqrt(hd)
+        out = torch.full((T, nh * hd), float("nan"), device=dev)
+        attention(out, qkv, kc, vc, pos0, T, nh, nkv, hd, scale)
+        torch.cuda.synchronize()
+        ref = attention_ref(qkv, kc, vc, pos0, T, nh, nkv, hd, scale)
+        tol = 1e-4 if hd not in (64, 128) else (5e-3 if kvt == torch.bfloat16 else 1e-3)
+        check(f"attention {NAME[kvt]} T={T} pos0={pos0} {nh}:{nkv} hd={hd}", rel(out, ref), tol)
+
+
+# ---- timings -----------------------------------------------------------------------------------
+
+def time_matmul(gen):
+    T = 2048
+    for name, R, C in (("qkv", 4096, 1024), ("o_proj", 1024, 2048), ("gate_up", 6144, 1024),
+                       ("down", 1024, 3072), ("lm_head", 151936, 1024)):
+        x = torch.randn(T, C, generator=gen, device=dev)
+        w = (torch.randn(R, C, generator=gen, device=dev) / math.sqrt(C)).to(torch.bfloat16)
+        out = torch.empty(T, R, device=dev)
+        xb = x.to(torch.bfloat16)
+        ours = bench(lambda: matmul(out, w, x, None, 0))
+        ref = bench(lambda: F.linear(xb, w))
+        err = rel(out, xb.double() @ w.double().T)
+        flop = 2 * T * R * C
+        check(f"time matmul bf16 {name} T={T} {R}x{C} [ours {flop / ours / 1e6:.0f} / torch "
+              f"{flop / ref / 1e6:.0f} TFLOP/s]", err, 1e-4, ours, ref)
+
+
+def time_attention(gen):
+    shapes = [(1, 8, 512, 64), (2, 8, 2048, 64), (2, 8, 2048, 128)] + [(16, H, 512, 64) for H in (8, 16, 32, 64, 96, 128)]
+    for B, H, S, D in shapes:
+        nh = B * H
+        qkv, kc, vc = make_attention(gen, S, 0, nh, nh, D, torch.bfloat16)
+        kc, vc = kc[:S].contiguous(), vc[:S].contiguous()
+        scale = 1.0 / math.sqrt(D)
+        out = torch.empty(S, nh * D, device=dev)
+        ours = bench(lambda: attention(out, qkv, kc, vc, 0, S, nh, nh, D, scale))
+        q = qkv[:, : nh * D].view(S, B, H, D).permute(1, 2, 0, 3).to(torch.bfloat16).contiguous()
+        k = kc.view(S, B, H, D).permute(1, 2, 0, 3).contiguous()
+        v = vc.view(S, B, H, D).permute(1, 2, 0, 3).contiguous()
+        causal = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        full = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=False))
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+        err = rel(out.view(S, B, H, D).permute(1, 2, 0, 3), ref)
+        flop = 4 * B * H * S * S * D / 2
+        check(f"time attention causal ({B},{H},{S},{D}) [ours {flop / ours / 1e6:.0f} TFLOP/s; "
+              f"sdpa full {full:.1f} us]", err, 5e-3, ours, causal)
+
+
+def time_layer(gen):
+    """one Qwen3-0.6B layer at T=2048 with our kernels (RMSNorms excluded), x 28 + LM head"""
+    T, D, Hd, nh, nkv, hd, L, V = 2048, 1024, 3072, 16, 8, 128, 28, 151936
+    qd, QKV = nh * hd, (nh + 2 * nkv) * hd
+    bf = torch.bfloat16
+    w_qkv = (torch.randn(QKV, D, generator=gen, device=dev) / 32).to(bf)
+    w_o = (torch.randn(D, qd, generator=gen, device=dev) / 45).to(bf)
+    w_gu = (torch.randn(2 * Hd, D, generator=gen, device=dev) / 32).to(bf)
+    w_d = (torch.randn(D, Hd, generator=gen, device=dev) / 55).to(bf)
+    w_lm = (torch.randn(V, D, generator=gen, device=dev) / 32).to(bf)
+    qn = torch.rand(hd, generator=gen, device=dev) + 0.5
+    kn = torch.rand(hd, generator=gen, device=dev) + 0.5
+    xb = torch.randn(T, D, generator=gen, device=dev)
+    x = torch.randn(T, D, generator=gen, device=dev)
+    qkv, att = torch.empty(T, QKV, device=dev), torch.empty(T, qd, device=dev)
+    gu, h = torch.empty(T, 2 * Hd, device=dev), torch.empty(T, Hd, device=dev)
+    kc = torch.empty(T, nkv, hd, device=dev, dtype=bf)
+    vc = torch.empty(T, nkv, hd, device=dev, dtype=bf)
+    logits = torch.empty(T, V, device=dev)
+
+    def layer():
+        matmul(qkv, w_qkv, xb, None, 0)
+        lib.qk_norm_rope_batch_gpu(p(qkv), p(qn), p(kn), 1.0, p(kc), p(vc), DT[bf], 0, T, nh, nkv, hd, 1e6, 1e-6, STREAM)
+        attention(att, qkv, kc, vc, 0, T, nh, nkv, hd, 1.0 / math.sqrt(hd))
+        matmul(x, w_o, att, None, 1)
+        matmul(gu, w_gu, xb, None, 0)
+        lib.swiglu_gpu(p(h), p(gu), T, Hd, STREAM)
+        matmul(x, w_d, h, None, 1)
+
+    layer_us = bench(layer, inner=5, reps=20)
+    head_last = bench(lambda: matmul(logits[:1], w_lm, xb[:1], None, 0))
+    head_all = bench(lambda: matmul(logits, w_lm, xb, None, 0), inner=3, reps=10)
+    prefill_ms = (L * layer_us + head_last) / 1e3
+    ppl_ms = (L * layer_us + head_all) / 1e3
+    print(f"Qwen3-0.6B T=2048, our kernels, RMSNorms excluded: layer {layer_us:.0f} us; LM head last token "
+          f"{head_last:.0f} us, all tokens {head_all:.0f} us")
+    print(f"  prefill {prefill_ms:.2f} ms = {T / prefill_ms * 1e3 / 1e3:.0f}k tok/s; "
+          f"perplexity (all logits) {ppl_ms:.2f} ms = {T / ppl_ms * 1e3 / 1e3:.0f}k tok/s (HF prefill: 81k tok/s)")
+
+
+def main():
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(1234)
+    print(torch.cuda.get_device_name(), torch.__version__)
+    check_matmul(gen)
+    check_swiglu(gen)
+    check_rope(gen)
+    check_attention(gen)
+    time_matmul(gen)
+    time_attention(gen)
+    time_layer(gen)
+    print(f"\n{'case':<100} {'rel err':>9} {'tol':>7} {'ours us':>9} {'torch us':>9} {'torch/ours':>10}")
+    for case, err, tol, ours, ref in rows:
+        t = f"{ours:9.1f} {ref:9.1f} {ref / ours:10.2f}" if ours is not None else ""
+        flag = "" if err <= tol else "  FAIL"
+        print(f"{case:<100} {err:9.2e} {tol:7.0e} {t}{flag}")
+    if failures:
+        print(f"\n{len(failures)} FAILED:\n  " + "\n  ".join(failures))
+        sys.exit(1)
+    print("\nall checks passed")
+
+
+main()
