@@ -2,12 +2,15 @@
 # make run     the CUDA build (nvcc; runs on a Hopper GPU)
 # make test    the CPU test suite (CI runs this)
 # make asan    the CPU test suite under AddressSanitizer + UBSan
+# make demo    export a tiny fixture model and generate from it
 CC ?= gcc
 NVCC ?= $(or $(shell command -v nvcc),/usr/local/cuda/bin/nvcc)
 CFLAGS = -O2 -Wall -Wextra -std=gnu11
 GPU_ARCH ?= -gencode=arch=compute_90a,code=sm_90a
 NVFLAGS = -O3 $(GPU_ARCH) -std=c++17 -Xcompiler -Wall
 KERNELS = rmsnorm.cu rope.cu matvec.cu attention.cu
+# a Python 3 with numpy (export.py and the tests need it)
+PYTHON ?= $(firstword $(foreach p,python3 /usr/bin/python3,$(shell $(p) -c "import numpy" 2>/dev/null && echo $(p))))
 
 runcpu: run.c tokenizer.h
 	$(CC) $(CFLAGS) -fopenmp -o $@ run.c -lm
@@ -22,12 +25,18 @@ build/runcpu-asan: run.c tokenizer.h
 	$(CC) -O1 -g -Wall -Wextra -std=gnu11 -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ run.c -lm
 
 test: runcpu
-	/usr/bin/python3 tests/run_tests.py
+	$(PYTHON) tests/run_tests.py
 
 asan: build/runcpu-asan
-	RUNCPU=build/runcpu-asan ASAN_OPTIONS=detect_leaks=0 /usr/bin/python3 tests/run_tests.py
+	RUNCPU=build/runcpu-asan ASAN_OPTIONS=detect_leaks=0 $(PYTHON) tests/run_tests.py
+
+# the quick start: export the tiny full-vocabulary fixture and generate from it
+demo: runcpu
+	mkdir -p build
+	$(PYTHON) export.py tests/fixtures/qwen3_fullvocab_bf16 build/tiny.bin
+	./runcpu build/tiny.bin -i "ROMEO:" -n 32 -s 1
 
 clean:
 	rm -rf run runcpu build
 
-.PHONY: test asan clean
+.PHONY: test asan demo clean

@@ -27,7 +27,9 @@ namespace cg = cooperative_groups;
 
 constexpr int ATT_THREADS = 128;       // both the chunk kernel and the fused kernel
 constexpr int ATT_WARPS = ATT_THREADS / 32;
-constexpr int ATT_MAX_GROUP = 8;       // query heads served per block: Qwen GQA ratios are 1..8
+constexpr int ATT_MAX_GROUP = 8;       // query heads served per block: Qwen GQA ratios are 1..8; the
+                                       // kernels are instantiated for a cap G of 2, 4 or 8 heads, the
+                                       // smallest that holds the group, as the softmax state lives in registers
 constexpr int ATT_UNROLL = 2;          // cache rows per lane group loaded before use
 constexpr int ATT_MAX_CHUNKS = 64;
 constexpr int ATT_ROW_GRANULE = 16;    // chunk lengths are multiples of this: short contexts still
@@ -47,26 +49,26 @@ extern "C" size_t attention_scratch_floats(int n_heads, int head_dim, int seq_le
     return (size_t)n_heads * attention_n_chunks(seq_len) * (head_dim + 2);  // (m, l, acc[hd]) each
 }
 
-template <int HD> struct AttendShared {
-    float q[ATT_MAX_GROUP][HD];               // the served queries, pre-multiplied by scale
-    float acc[ATT_WARPS][ATT_MAX_GROUP][HD];  // per-warp softmax states, merged at the end
-    float m[ATT_WARPS][ATT_MAX_GROUP], l[ATT_WARPS][ATT_MAX_GROUP];
+template <int HD, int G> struct AttendShared {
+    float q[G][HD];               // the served queries, pre-multiplied by scale
+    float acc[ATT_WARPS][G][HD];  // per-warp softmax states, merged at the end
+    float m[ATT_WARPS][G], l[ATT_WARPS][G];
 };
 
 __device__ __forceinline__ float rescale_factor(float m, float m_new) {  // exp(m - m_new), 0 for no rows
     return m == -INFINITY ? 0.f : expf(m - m_new);
 }
 
-// One block: the chunk `chunk` of KV head kv_head for query heads of subgroup `subgroup` of its
-// group. q (n_heads, HD); caches (seq_len, n_kv_heads, HD); len = rows attended (*pos + 1);
+// One block: the chunk `chunk` of KV head kv_head for the query heads of subgroup `subgroup` (G heads
+// at most) of its group. q (n_heads, HD); caches (seq_len, n_kv_heads, HD); len = rows attended (*pos + 1);
 // writes scratch partials ((head * n_chunks + chunk) * (HD + 2)): m, l, acc[HD].
 // Lane layout: a cache row is read by LPR = HD/8 lanes, 16 bytes each, so a warp reads RPW = 32/LPR
 // rows per load; each lane keeps the softmax state of its 8 dims for every served head.
-template <typename KV, int HD>
-__device__ void attend_chunk(AttendShared<HD>& sh, float* scratch, const float* q, const KV* k_cache,
+template <typename KV, int HD, int G>
+__device__ void attend_chunk(AttendShared<HD, G>& sh, float* scratch, const float* q, const KV* k_cache,
                              const KV* v_cache, int kv_head, int subgroup, int chunk, int len,
                              int n_chunks, int n_heads, int n_kv_heads, float scale) {
-    constexpr int LPR = HD / 8, RPW = 32 / LPR, G = ATT_MAX_GROUP, U = ATT_UNROLL;
+    constexpr int LPR = HD / 8, RPW = 32 / LPR, U = ATT_UNROLL;
     const int rows = attention_chunk_rows(len, n_chunks), start = chunk * rows;
     if (start >= len) return;
     const int end = min(start + rows, len);
@@ -216,13 +218,13 @@ __device__ void merge_head(float* out, const float* partials, int len, int n_chu
 
 // ---- unfused -------------------------------------------------------------------------------------
 
-template <typename KV, int HD>
+template <typename KV, int HD, int G>
 __global__ void __launch_bounds__(ATT_THREADS)
 attention_chunk_kernel(float* scratch, const float* q, const KV* k_cache, const KV* v_cache,
                        const int* pos, int n_heads, int n_kv_heads, int n_chunks, float scale) {
-    __shared__ AttendShared<HD> sh;
-    const int n_sub = (n_heads / n_kv_heads + ATT_MAX_GROUP - 1) / ATT_MAX_GROUP;
-    attend_chunk<KV, HD>(sh, scratch, q, k_cache, v_cache, blockIdx.y / n_sub, blockIdx.y % n_sub,
+    __shared__ AttendShared<HD, G> sh;
+    const int n_sub = (n_heads / n_kv_heads + G - 1) / G;
+    attend_chunk<KV, HD, G>(sh, scratch, q, k_cache, v_cache, blockIdx.y / n_sub, blockIdx.y % n_sub,
                          blockIdx.x, *pos + 1, n_chunks, n_heads, n_kv_heads, scale);
 }
 
@@ -234,20 +236,19 @@ __global__ void attention_merge_kernel(float* out, const float* scratch, const i
                n_chunks, head_dim);
 }
 
-template <typename KV, int HD>
+template <typename KV, int HD, int G>
 static void launch_attention(float* out, const float* q, const void* k_cache, const void* v_cache,
                              const int* pos, int n_heads, int n_kv_heads, int seq_len, float scale,
                              float* scratch, cudaStream_t stream) {
     const int n_chunks = attention_n_chunks(seq_len);
-    const int n_sub = (n_heads / n_kv_heads + ATT_MAX_GROUP - 1) / ATT_MAX_GROUP;
-    attention_chunk_kernel<KV, HD><<<dim3(n_chunks, n_kv_heads * n_sub), ATT_THREADS, 0, stream>>>(
+    const int n_sub = (n_heads / n_kv_heads + G - 1) / G;
+    attention_chunk_kernel<KV, HD, G><<<dim3(n_chunks, n_kv_heads * n_sub), ATT_THREADS, 0, stream>>>(
         scratch, q, (const KV*)k_cache, (const KV*)v_cache, pos, n_heads, n_kv_heads, n_chunks, scale);
     CUDA_CHECK(cudaGetLastError());
     attention_merge_kernel<<<n_heads, ATT_THREADS, 0, stream>>>(out, scratch, pos, HD, n_chunks);
     CUDA_CHECK(cudaGetLastError());
 }
 
-// Calls F<KV, HD>::run(args...) for the run-time kv dtype and head_dim.
 static void check_attention_shape(int kv_dtype, int n_heads, int n_kv_heads, int head_dim, const char* who) {
     if (kv_dtype != DT_BF16 && kv_dtype != DT_F16) {
         fprintf(stderr, "error: %s: KV cache dtype %d is not bf16 or fp16\n", who, kv_dtype);
@@ -272,29 +273,35 @@ static void check_attention_shape(int kv_dtype, int n_heads, int n_kv_heads, int
         default: { constexpr int HD = 128; BODY; } break;         \
     }
 
+// G: the group cap for n_heads / n_kv_heads query heads per KV head
+#define DISPATCH_GROUP(GROUP, BODY)                               \
+    if ((GROUP) <= 2) { constexpr int G = 2; BODY; }              \
+    else if ((GROUP) <= 4) { constexpr int G = 4; BODY; }         \
+    else { constexpr int G = ATT_MAX_GROUP; BODY; }
+
 extern "C" void attention_gpu(float* out, const float* q, const void* k_cache, const void* v_cache,
                               int kv_dtype, const int* pos, int n_heads, int n_kv_heads, int head_dim,
                               int seq_len, float scale, float* scratch, cudaStream_t stream) {
     check_attention_shape(kv_dtype, n_heads, n_kv_heads, head_dim, "attention_gpu");
     if (kv_dtype == DT_BF16) {
-        DISPATCH_HD(head_dim, (launch_attention<__nv_bfloat16, HD>(out, q, k_cache, v_cache, pos, n_heads,
-                    n_kv_heads, seq_len, scale, scratch, stream)));
+        DISPATCH_GROUP(n_heads / n_kv_heads, DISPATCH_HD(head_dim, (launch_attention<__nv_bfloat16, HD, G>(out, q,
+                       k_cache, v_cache, pos, n_heads, n_kv_heads, seq_len, scale, scratch, stream))));
     } else {
-        DISPATCH_HD(head_dim, (launch_attention<__half, HD>(out, q, k_cache, v_cache, pos, n_heads,
-                    n_kv_heads, seq_len, scale, scratch, stream)));
+        DISPATCH_GROUP(n_heads / n_kv_heads, DISPATCH_HD(head_dim, (launch_attention<__half, HD, G>(out, q,
+                       k_cache, v_cache, pos, n_heads, n_kv_heads, seq_len, scale, scratch, stream))));
     }
 }
 
 // ---- fused ---------------------------------------------------------------------------------------
 
 // dynamic shared memory: max(dim, n_heads * HD) floats (the normalised x, then att)
-template <typename W, typename KV, int HD>
+template <typename W, typename KV, int HD, int G>
 __global__ void __launch_bounds__(ATT_THREADS)
 attention_fused_kernel(AttentionLayer p, bool vec_qkv, bool vec_o) {
     cg::grid_group grid = cg::this_grid();
     extern __shared__ float4 dynamic_smem[];
     float* xs = reinterpret_cast<float*>(dynamic_smem);
-    __shared__ AttendShared<HD> sh;
+    __shared__ AttendShared<HD, G> sh;
     const int pos = *p.pos, q_dim = p.n_heads * HD, kv_dim = p.n_kv_heads * HD;
     const int qkv_rows = q_dim + 2 * kv_dim;
     const int warp_id = blockIdx.x * ATT_WARPS + threadIdx.x / 32, n_warps = gridDim.x * ATT_WARPS;
@@ -325,12 +332,12 @@ attention_fused_kernel(AttentionLayer p, bool vec_qkv, bool vec_o) {
 
     // 3. chunk partials; chunk-major items, so the active (early) chunks spread over all blocks
     const int n_chunks = attention_n_chunks(p.seq_len);
-    const int n_sub = (p.n_heads / p.n_kv_heads + ATT_MAX_GROUP - 1) / ATT_MAX_GROUP;
+    const int n_sub = (p.n_heads / p.n_kv_heads + G - 1) / G;
     const int items_per_chunk = p.n_kv_heads * n_sub;
     const float scale = p.k_scale / sqrtf((float)HD);
     for (int item = blockIdx.x; item < n_chunks * items_per_chunk; item += gridDim.x) {
         const int chunk = item / items_per_chunk, kv_sub = item % items_per_chunk;
-        attend_chunk<KV, HD>(sh, p.scratch, q, (const KV*)p.k_cache, (const KV*)p.v_cache, kv_sub / n_sub,
+        attend_chunk<KV, HD, G>(sh, p.scratch, q, (const KV*)p.k_cache, (const KV*)p.v_cache, kv_sub / n_sub,
                              kv_sub % n_sub, chunk, pos + 1, n_chunks, p.n_heads, p.n_kv_heads, scale);
     }
     grid.sync();
@@ -351,9 +358,9 @@ attention_fused_kernel(AttentionLayer p, bool vec_qkv, bool vec_o) {
     }
 }
 
-template <typename W, typename KV, int HD>
+template <typename W, typename KV, int HD, int G>
 static void launch_attention_fused(const AttentionLayer* layer, cudaStream_t stream) {
-    const void* kernel = (const void*)attention_fused_kernel<W, KV, HD>;
+    const void* kernel = (const void*)attention_fused_kernel<W, KV, HD, G>;
     const int q_dim = layer->n_heads * HD;
     const size_t smem = (size_t)(layer->dim > q_dim ? layer->dim : q_dim) * sizeof(float);
     // the grid (resident blocks per SM x SMs) is worked out once per instantiation and smem size
@@ -392,8 +399,13 @@ extern "C" void attention_fused_gpu(const AttentionLayer* layer, cudaStream_t st
         exit(1);
     }
 #define FUSED_FOR_KV(W)                                                                              \
-    if (L->kv_dtype == DT_BF16) { DISPATCH_HD(L->head_dim, (launch_attention_fused<W, __nv_bfloat16, HD>(L, stream))); } \
-    else { DISPATCH_HD(L->head_dim, (launch_attention_fused<W, __half, HD>(L, stream))); }
+    if (L->kv_dtype == DT_BF16) {                                                                    \
+        DISPATCH_GROUP(L->n_heads / L->n_kv_heads, DISPATCH_HD(L->head_dim,                          \
+            (launch_attention_fused<W, __nv_bfloat16, HD, G>(L, stream))));                          \
+    } else {                                                                                         \
+        DISPATCH_GROUP(L->n_heads / L->n_kv_heads, DISPATCH_HD(L->head_dim,                          \
+            (launch_attention_fused<W, __half, HD, G>(L, stream))));                                 \
+    }
     if (L->wdtype == DT_F32) { FUSED_FOR_KV(float) }
     else if (L->wdtype == DT_BF16) { FUSED_FOR_KV(__nv_bfloat16) }
     else { FUSED_FOR_KV(__half) }

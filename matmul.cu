@@ -1,20 +1,21 @@
 // matmul.cu: the prefill matrix products, out (T, rows) (+)= x (T, cols) . w (rows, cols)^T + bias,
-// on the tensor cores (mma.sync m16n8k16, fp32 accumulation), and the batched SwiGLU gate.
-// Both operands are k-major (x rows and w rows are contiguous in k), which is exactly the
-// row.col layout of mma.sync, so neither needs a transpose.
+// on the tensor cores (wgmma, sm_90a, fp32 accumulation), and the batched SwiGLU gate.
+// Both operands are k-major (x rows and w rows are contiguous in k), the layout wgmma reads
+// without a transpose.
 #include "common.cuh"
 #include "prefill.h"
 #include "tensor_core.cuh"
 
-// Block tile 128 tokens x 128 weight rows x 64 k, 8 warps as 2 (tokens) x 4 (rows), each warp
-// 64 x 32 (4 x 4 mma tiles, 64 fp32 accumulators per thread). 3 stages: the weight tile of stage
-// kt+2 streams in with cp.async while kt computes; the fp32 activation tile is loaded to registers
-// one step ahead and rounded to 16 bits on its way into shared memory.
+// Block tile 128 tokens x 128 weight rows x 64 k, two warpgroups (256 threads), warpgroup g
+// computing tokens 64g..64g+63 x all 128 rows with wgmma m64n128k16 (64 fp32 accumulators per
+// thread). 3 shared-memory stages: the weight tile of k step kt+2 streams in with cp.async, and the
+// fp32 activation tile of kt+2 is loaded to registers, while the wgmmas of kt run; the activations
+// are rounded to 16 bits on their way into shared memory one step later.
 constexpr int MM_BM = 128, MM_BN = 128, MM_BK = 64, MM_STAGES = 3, MM_THREADS = 256;
-constexpr int MM_CHUNKS = MM_BK / 8;                                  // 16-byte chunks per tile row
-constexpr int MM_STAGE_CHUNKS = (MM_BM + MM_BN) * MM_CHUNKS;          // A tile then B tile
-constexpr int MM_LOADS = MM_BM * MM_CHUNKS / MM_THREADS;              // chunks per thread per tile (4)
-constexpr size_t MM_SMEM = (size_t)MM_STAGES * MM_STAGE_CHUNKS * 16;  // 96 KB
+constexpr int MM_CHUNKS = MM_BK / 8;                                         // 16-byte chunks per tile row
+constexpr int MM_STAGE_CHUNKS = (MM_BM + MM_BN) * MM_CHUNKS;                 // A tile then B tile, 32 KB
+constexpr int MM_LOADS = MM_BM * MM_CHUNKS / MM_THREADS;                     // chunks per thread per tile (4)
+constexpr size_t MM_SMEM = (size_t)MM_STAGES * MM_STAGE_CHUNKS * 16 + 1024;  // + room to align to 1024
 
 // out (n_tokens, rows) (+)= x (n_tokens, cols) fp32 . w (rows, cols)^T of T + bias (rows) or NULL.
 // Grid (token tiles, row tiles): consecutive blocks share a weight tile, so the LM head's weights
@@ -23,10 +24,10 @@ template <typename T>
 __global__ void __launch_bounds__(MM_THREADS) matmul_tc_kernel(float* out, const T* w, const float* x,
                                                              const float* bias, int n_tokens, int rows,
                                                              int cols, int accumulate) {
-    extern __shared__ uint4 mm_smem[];
-    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    extern __shared__ uint8_t mm_smem_raw[];
+    uint4* smem = reinterpret_cast<uint4*>(((uintptr_t)mm_smem_raw + 1023) & ~(uintptr_t)1023);  // swizzle atom
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
     const int m0 = blockIdx.x * MM_BM, n0 = blockIdx.y * MM_BN;
-    const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
     const int k_tiles = (cols + MM_BK - 1) / MM_BK;
 
     float4 a_next[MM_LOADS][2];  // the next activation tile, 8 floats per chunk
@@ -45,7 +46,7 @@ __global__ void __launch_bounds__(MM_THREADS) matmul_tc_kernel(float* out, const
         }
     };
     auto store_a = [&](int stage) {
-        uint4* sa = mm_smem + stage * MM_STAGE_CHUNKS;
+        uint4* sa = smem + stage * MM_STAGE_CHUNKS;
 #pragma unroll
         for (int i = 0; i < MM_LOADS; i++) {
             const int id = tid + i * MM_THREADS, r = id / MM_CHUNKS, ch = id % MM_CHUNKS;
@@ -53,7 +54,7 @@ __global__ void __launch_bounds__(MM_THREADS) matmul_tc_kernel(float* out, const
         }
     };
     auto load_b = [&](int kt, int stage) {
-        uint4* sb = mm_smem + stage * MM_STAGE_CHUNKS + MM_BM * MM_CHUNKS;
+        uint4* sb = smem + stage * MM_STAGE_CHUNKS + MM_BM * MM_CHUNKS;
 #pragma unroll
         for (int i = 0; i < MM_LOADS; i++) {
             const int id = tid + i * MM_THREADS, r = id / MM_CHUNKS, ch = id % MM_CHUNKS;
@@ -63,68 +64,60 @@ __global__ void __launch_bounds__(MM_THREADS) matmul_tc_kernel(float* out, const
         }
     };
 
-    float acc[4][4][4] = {};
-    // prologue: stages 0 .. MM_STAGES-2; one commit group per k tile, empty ones included, so that
-    // "all but the newest MM_STAGES-2 groups done" always means "tile kt has landed"
+    float acc[64];
 #pragma unroll
-    for (int s = 0; s < MM_STAGES - 1; s++) {
-        if (s < k_tiles) {
-            load_b(s, s);
-            load_a(s);
-            store_a(s);
-        }
-        cp_async_commit();
+    for (int i = 0; i < 64; i++) acc[i] = 0.f;
+    // prologue: tiles 0 and 1 of B in flight (one commit group per k tile, empty ones included, so
+    // that "all but the newest group done" always means "tile kt has landed"); A of tile 0 stored,
+    // A of tile 1 in registers
+    load_b(0, 0);
+    load_a(0);
+    store_a(0);
+    cp_async_commit();
+    if (1 < k_tiles) {
+        load_b(1, 1);
+        load_a(1);
     }
+    cp_async_commit();
     for (int kt = 0; kt < k_tiles; kt++) {
-        cp_async_wait<MM_STAGES - 2>();
-        __syncthreads();  // tile kt visible to all; stage (kt-1) % MM_STAGES free for reuse
-        const int next = kt + MM_STAGES - 1;
-        if (next < k_tiles) {
-            load_b(next, next % MM_STAGES);
-            load_a(next);
+        cp_async_wait<1>();
+        fence_proxy_async();  // this thread's st.shared / cp.async writes, visible to wgmma
+        __syncthreads();      // ... of every thread; and stage (kt-1) % 3 is free (its wgmmas waited)
+        const uint4* sa = smem + (kt % MM_STAGES) * MM_STAGE_CHUNKS + wg * 64 * MM_CHUNKS;
+        const uint4* sb = smem + (kt % MM_STAGES) * MM_STAGE_CHUNKS + MM_BM * MM_CHUNKS;
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < MM_BK / 16; ks++)  // k16 step = 32 bytes further into each 128-byte row
+            wgmma_m64n128k16<T>(acc, wgmma_desc(sa) + 2 * ks, wgmma_desc(sb) + 2 * ks);
+        wgmma_commit();
+        // while the tensor cores run: A of tile kt+1 into its stage, loads of tile kt+2 issued
+        if (kt + 1 < k_tiles) store_a((kt + 1) % MM_STAGES);
+        if (kt + 2 < k_tiles) {
+            load_b(kt + 2, (kt + 2) % MM_STAGES);
+            load_a(kt + 2);
         }
         cp_async_commit();
-
-        const uint4* sa = mm_smem + (kt % MM_STAGES) * MM_STAGE_CHUNKS;
-        const uint4* sb = sa + MM_BM * MM_CHUNKS;
+        wgmma_wait_all();
 #pragma unroll
-        for (int ks = 0; ks < MM_BK / 16; ks++) {
-            uint32_t af[4][4], bf[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 4; mi++)
-                ldmatrix_x4(af[mi], &sa[swizzle(wm + mi * 16 + lane % 16, ks * 2 + lane / 16, MM_CHUNKS)]);
-#pragma unroll
-            for (int nj = 0; nj < 2; nj++) {
-                uint32_t b[4];
-                ldmatrix_x4(b, &sb[swizzle(wn + nj * 16 + lane % 8 + (lane / 16) * 8, ks * 2 + (lane / 8) % 2, MM_CHUNKS)]);
-                bf[2 * nj][0] = b[0]; bf[2 * nj][1] = b[1];
-                bf[2 * nj + 1][0] = b[2]; bf[2 * nj + 1][1] = b[3];
-            }
-#pragma unroll
-            for (int mi = 0; mi < 4; mi++)
-#pragma unroll
-                for (int ni = 0; ni < 4; ni++) mma_16816<T>(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
-        }
-        if (next < k_tiles) store_a(next % MM_STAGES);
+        for (int i = 0; i < 64; i++) fence_operand(acc[i]);
     }
 
-    // epilogue: each thread holds column pairs (r, r+1); rows % 8 == 0 keeps a pair inside or outside
+    // epilogue: acc[4j + 2h + e] is token 16 (warp % 4) + lane/4 + 8h of this warpgroup's 64, weight
+    // row 8j + 2 (lane % 4) + e; rows % 8 == 0 keeps a pair inside or outside the matrix
 #pragma unroll
-    for (int ni = 0; ni < 4; ni++) {
-        const int r = n0 + wn + ni * 8 + (lane % 4) * 2;
+    for (int j = 0; j < 16; j++) {
+        const int r = n0 + j * 8 + (lane % 4) * 2;
         if (r >= rows) continue;
         const float2 b = bias ? make_float2(bias[r], bias[r + 1]) : make_float2(0.f, 0.f);
 #pragma unroll
-        for (int mi = 0; mi < 4; mi++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const int t = m0 + wm + mi * 16 + lane / 4 + h * 8;
-                if (t >= n_tokens) continue;
-                float2* o = reinterpret_cast<float2*>(out + (size_t)t * rows + r);
-                float2 v = make_float2(acc[mi][ni][2 * h] + b.x, acc[mi][ni][2 * h + 1] + b.y);
-                if (accumulate) { const float2 prev = *o; v.x += prev.x; v.y += prev.y; }
-                *o = v;
-            }
+        for (int h = 0; h < 2; h++) {
+            const int t = m0 + wg * 64 + (warp % 4) * 16 + lane / 4 + h * 8;
+            if (t >= n_tokens) continue;
+            float2* o = reinterpret_cast<float2*>(out + (size_t)t * rows + r);
+            float2 v = make_float2(acc[4 * j + 2 * h] + b.x, acc[4 * j + 2 * h + 1] + b.y);
+            if (accumulate) { const float2 prev = *o; v.x += prev.x; v.y += prev.y; }
+            *o = v;
+        }
     }
 }
 

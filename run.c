@@ -696,7 +696,7 @@ static void chat(Model* m, const Tokenizer* t, Sampler* s, const Options* o) {
     for (int turn = 0;; turn++) {
         const char* user = turn == 0 && o->prompt ? o->prompt : NULL;
         if (!user) {
-            fprintf(stderr, "> ");
+            if (isatty(STDIN_FILENO)) fprintf(stderr, "> ");
             if (!fgets(line, sizeof line, stdin)) break;
             line[strcspn(line, "\n")] = 0;
             user = line;

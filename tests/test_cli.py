@@ -126,3 +126,18 @@ def test_bad_flags_and_inputs():
 def test_tokenize_mode():
     rc, out, err = run([RUNCPU, "-m", "tokenize", "-i", "Hello world"])
     assert rc == 0 and out == "9707 1879\n", (out, err)
+
+
+def test_chat_multi_turn_reuses_the_cache():
+    """Turn 2 feeds only what follows turn 1 in the cache: the close of the reply, the new user
+    message and the assistant header (ids checked against the tokenizer on the same text)."""
+    model = export(NAME)
+    rc, _, err = run([RUNCPU, model, "-m", "chat", "-r", "0", "-v", "1", "-n", "3", "-t", "0", "-i", "Hi"],
+                     stdin="And you?\n".encode())
+    assert rc == 0, err
+    turns = [[int(t) for t in l.split(":")[1].split()] for l in err.splitlines() if l.startswith("prompt ids:")]
+    assert len(turns) == 2, err
+    text = "<|im_end|>\n<|im_start|>user\nAnd you?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    rc, out, err = run([RUNCPU, "-m", "tokenize", "-i", text])
+    assert rc == 0 and turns[1] == [int(t) for t in out.split()], (turns[1], out)
+    assert turns[1][:2] == [151645, 198] and turns[0][-4:] == [151667, 271, 151668, 271]
