@@ -30,7 +30,6 @@ constexpr int ATT_WARPS = ATT_THREADS / 32;
 constexpr int ATT_MAX_GROUP = 8;       // query heads served per block: Qwen GQA ratios are 1..8; the
                                        // kernels are instantiated for a cap G of 2, 4 or 8 heads, the
                                        // smallest that holds the group, as the softmax state lives in registers
-constexpr int ATT_UNROLL = 2;          // cache rows per lane group loaded before use
 constexpr int ATT_MAX_CHUNKS = 64;
 constexpr int ATT_ROW_GRANULE = 16;    // chunk lengths are multiples of this: short contexts still
                                        // spread over many blocks (pos 128: 9 chunks of 16 rows per KV head)
@@ -68,7 +67,8 @@ template <typename KV, int HD, int G>
 __device__ void attend_chunk(AttendShared<HD, G>& sh, float* scratch, const float* q, const KV* k_cache,
                              const KV* v_cache, int kv_head, int subgroup, int chunk, int len,
                              int n_chunks, int n_heads, int n_kv_heads, float scale) {
-    constexpr int LPR = HD / 8, RPW = 32 / LPR, U = ATT_UNROLL;
+    // U: cache rows per lane group loaded before any is used; fewer when the state of 8 heads takes the registers
+    constexpr int LPR = HD / 8, RPW = 32 / LPR, U = G <= 2 ? 4 : 2;
     const int rows = attention_chunk_rows(len, n_chunks), start = chunk * rows;
     if (start >= len) return;
     const int end = min(start + rows, len);
