@@ -8,17 +8,22 @@ NVCC ?= $(or $(shell command -v nvcc),/usr/local/cuda/bin/nvcc)
 CFLAGS = -O2 -Wall -Wextra -std=gnu11
 GPU_ARCH ?= -gencode=arch=compute_90a,code=sm_90a
 NVFLAGS = -O3 $(GPU_ARCH) -std=c++17 -Xcompiler -Wall
-KERNELS = rmsnorm.cu rope.cu matvec.cu attention.cu
+KERNELS = rmsnorm.cu rope.cu matvec.cu matmul.cu attention.cu
 # a Python 3 with numpy (export.py and the tests need it)
 PYTHON ?= $(firstword $(foreach p,python3 /usr/bin/python3,$(shell $(p) -c "import numpy" 2>/dev/null && echo $(p))))
 
 runcpu: run.c tokenizer.h
 	$(CC) $(CFLAGS) -fopenmp -o $@ run.c -lm
 
-run: run.c tokenizer.h kernels.h $(KERNELS) common.cuh
+run: run.c tokenizer.h kernels.h $(KERNELS) common.cuh tensor_core.cuh
 	mkdir -p build
 	$(CC) $(CFLAGS) -DUSE_CUDA -I$(dir $(NVCC))../include -c run.c -o build/run.o
 	$(NVCC) $(NVFLAGS) -o $@ build/run.o $(KERNELS) -lm
+
+# every kernel in one shared library, for the kernel tests (tests/gpu_kernels.py, gpu_prefill.py)
+build/libkernels.so: kernels.h $(KERNELS) common.cuh tensor_core.cuh
+	mkdir -p build
+	$(NVCC) $(NVFLAGS) -Xcompiler -fPIC -shared -o $@ $(KERNELS)
 
 build/runcpu-asan: run.c tokenizer.h
 	mkdir -p build

@@ -35,11 +35,14 @@ void matvec_gpu(float* out, const void* w, int wdtype, const float* x, const flo
 // h[i] = silu(dot(w[i], x)) * dot(w[hidden + i], x): the gate rows then the up rows of w_gate_up
 void swiglu_matvec_gpu(float* h, const void* w_gate_up, int wdtype, const float* x,
                        int hidden, int dim, cudaStream_t stream);
-// x = embedding[*token]
-void embed_gpu(float* x, const void* embedding, int wdtype, const int* token, int dim,
+// x (n, dim) = embedding rows tokens[0..n)
+void embed_gpu(float* x, const void* embedding, int wdtype, const int* tokens, int n, int dim,
                cudaStream_t stream);
-// *out = argmax(logits[0..n)), the lowest index on ties
+// *out = argmax(logits[0..n)), the lowest index on ties. Uses module scratch: one stream at a time.
 void argmax_gpu(int* out, const float* logits, int n, cudaStream_t stream);
+// nll[t] = logsumexp(logits[t]) - logits[t][targets[t]], for n rows of vocab logits
+void cross_entropy_gpu(float* nll, const float* logits, const int* targets, int n, int vocab,
+                       cudaStream_t stream);
 
 // attention.cu, unfused: out (n_heads, head_dim) = softmax(q . K^T * scale) V over cache rows
 // 0..*pos, query head h reading KV head h / (n_heads / n_kv_heads). scale = k_scale / sqrt(hd).
@@ -70,6 +73,31 @@ typedef struct {
     float theta, eps;
 } AttentionLayer;
 void attention_fused_gpu(const AttentionLayer* layer, cudaStream_t stream);
+
+// ---- prefill: T = n_tokens prompt tokens at once, matrix products on the tensor cores ----
+// matmul.cu: out (n_tokens, rows) (+)= x (n_tokens, cols) . w (rows, cols)^T + bias (rows, or NULL).
+// bf16/fp16 w: tensor cores, x rounded to w's type, fp32 accumulation; fp32 w: CUDA cores.
+// rows and cols multiples of 8, w and x 16-byte aligned; accumulate adds into out (residual add).
+void matmul_gpu(float* out, const void* w, int wdtype, const float* x, const float* bias,
+                int n_tokens, int rows, int cols, int accumulate, cudaStream_t stream);
+// h (n_tokens, hidden) = silu(gate_up[:, :hidden]) * gate_up[:, hidden:], gate_up (n_tokens, 2*hidden);
+// hidden % 4 == 0.
+void swiglu_gpu(float* h, const float* gate_up, int n_tokens, int hidden, cudaStream_t stream);
+
+// rope.cu, attention.cu: qkv (n_tokens, (n_heads + 2*n_kv_heads) * head_dim), rows [q | k | v].
+// Per-head q_norm/k_norm (skipped when NULL) then NeoX RoPE at position pos0 + t, in place on q and
+// k; k / k_scale and v stored to cache rows pos0 .. pos0 + n_tokens - 1.
+void qk_norm_rope_batch_gpu(float* qkv, const float* q_norm, const float* k_norm, float k_scale,
+                            void* k_cache, void* v_cache, int kv_dtype, int pos0, int n_tokens,
+                            int n_heads, int n_kv_heads, int head_dim, float theta, float eps,
+                            cudaStream_t stream);
+// out (n_tokens, n_heads * head_dim) = causal softmax(q . K^T * scale) V: query t (q from qkv rows,
+// rounded to kv_dtype) attends cache rows 0 .. pos0 + t; query head h reads KV head
+// h / (n_heads / n_kv_heads). scale = k_scale / sqrt(head_dim). head_dim even, <= 256; 64 and 128
+// run on the tensor cores (flash attention), others on a simple CUDA-core kernel.
+void attention_prefill_gpu(float* out, const float* qkv, const void* k_cache, const void* v_cache,
+                           int kv_dtype, int pos0, int n_tokens, int n_heads, int n_kv_heads,
+                           int head_dim, float scale, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

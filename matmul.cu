@@ -3,7 +3,6 @@
 // Both operands are k-major (x rows and w rows are contiguous in k), the layout wgmma reads
 // without a transpose.
 #include "common.cuh"
-#include "prefill.h"
 #include "tensor_core.cuh"
 
 // Block tile 128 tokens x 128 weight rows x 64 k, two warpgroups (256 threads), warpgroup g

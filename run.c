@@ -394,8 +394,16 @@ static float* forward_cpu(Model* m, int token, int pos) {
 // The GPU path: weights copied to the device as one block, every operation a kernel (kernels.h).
 
 #ifdef USE_CUDA
+#define PREFILL_CHUNK 1024  // tokens per batched pass: bounds the prefill buffers
+#define LM_CHUNK 128        // tokens per LM-head product when every position needs its logits
+
 struct Gpu {
     uint8_t* weights;     // the file's bytes after the header, on the device
+    void* key_cache;      // (n_layers, seq_len, kv_dim), kv_dtype
+    void* value_cache;    // (n_layers, seq_len, kv_dim), kv_dtype
+    int kv_dtype, fused;
+    cudaStream_t stream;
+    // decode, one token
     float* x;             // (dim)
     float* xb;            // (dim)
     float* qkv;           // (qkv_dim)
@@ -403,13 +411,19 @@ struct Gpu {
     float* hb;            // (hidden_dim)
     float* logits;        // (vocab_size)
     float* scratch;       // attention partials
-    void* key_cache;      // (n_layers, seq_len, kv_dim), kv_dtype
-    void* value_cache;    // (n_layers, seq_len, kv_dim), kv_dtype
     int* io;              // (3) the token, its position, and the argmax of the logits
     int* host_io;         // (3) pinned copy of io: the graph reads and writes it
-    int kv_dtype, fused;
-    cudaStream_t stream;
     cudaGraphExec_t step; // the whole decode step, captured once, replayed per token
+    // prefill, up to PREFILL_CHUNK tokens
+    float* bx;            // (chunk, dim)
+    float* bxb;           // (chunk, dim)
+    float* bqkv;          // (chunk, qkv_dim)
+    float* batt;          // (chunk, q_dim)
+    float* bgate_up;      // (chunk, 2*hidden_dim)
+    float* bh;            // (chunk, hidden_dim)
+    float* blogits;       // (LM_CHUNK, vocab_size)
+    float* bnll;          // (chunk) -log p(target) per position
+    int* bids;            // (2, chunk) token ids, then targets
 };
 
 static void* gpu_alloc(size_t bytes, const char* what) {
@@ -422,82 +436,119 @@ static void* gpu_alloc(size_t bytes, const char* what) {
 static void init_gpu(Model* m, int kv_dtype, int fused) {
     Config* c = &m->config;
     struct Gpu* g = m->gpu = xmalloc(sizeof(struct Gpu), "GPU state");
-    size_t cache = (size_t)c->n_layers * m->seq_len * kv_dim(c) * 2;
+    size_t cache = (size_t)c->n_layers * m->seq_len * kv_dim(c) * 2, D = c->dim, H = c->hidden_dim;
+    size_t chunk = m->seq_len < PREFILL_CHUNK ? m->seq_len : PREFILL_CHUNK;
     g->kv_dtype = kv_dtype;
     g->fused = fused;
     CUDA_CHECK(cudaStreamCreate(&g->stream));
     g->weights = gpu_alloc(m->file_size - HEADER_BYTES, "the weights");
     CUDA_CHECK(cudaMemcpy(g->weights, m->file + HEADER_BYTES, m->file_size - HEADER_BYTES, cudaMemcpyHostToDevice));
-    g->x = gpu_alloc(c->dim * 4, "activations");
-    g->xb = gpu_alloc(c->dim * 4, "activations");
-    g->qkv = gpu_alloc(qkv_dim(c) * 4, "activations");
-    g->att = gpu_alloc(q_dim(c) * 4, "activations");
-    g->hb = gpu_alloc((size_t)c->hidden_dim * 4, "activations");
-    g->logits = gpu_alloc((size_t)c->vocab_size * 4, "logits");
-    g->scratch = gpu_alloc(attention_scratch_floats(c->n_heads, c->head_dim, m->seq_len) * 4, "attention scratch");
     g->key_cache = gpu_alloc(cache, "the key cache");
     g->value_cache = gpu_alloc(cache, "the value cache");
+    g->x = gpu_alloc(D * 4, "activations");
+    g->xb = gpu_alloc(D * 4, "activations");
+    g->qkv = gpu_alloc(qkv_dim(c) * 4, "activations");
+    g->att = gpu_alloc(q_dim(c) * 4, "activations");
+    g->hb = gpu_alloc(H * 4, "activations");
+    g->logits = gpu_alloc((size_t)c->vocab_size * 4, "logits");
+    g->scratch = gpu_alloc(attention_scratch_floats(c->n_heads, c->head_dim, m->seq_len) * 4, "attention scratch");
     g->io = gpu_alloc(3 * sizeof(int), "token");
     CUDA_CHECK(cudaMallocHost((void**)&g->host_io, 3 * sizeof(int)));
+    g->bx = gpu_alloc(chunk * D * 4, "prefill activations");
+    g->bxb = gpu_alloc(chunk * D * 4, "prefill activations");
+    g->bqkv = gpu_alloc(chunk * qkv_dim(c) * 4, "prefill activations");
+    g->batt = gpu_alloc(chunk * q_dim(c) * 4, "prefill activations");
+    g->bgate_up = gpu_alloc(chunk * 2 * H * 4, "prefill activations");
+    g->bh = gpu_alloc(chunk * H * 4, "prefill activations");
+    g->blogits = gpu_alloc((size_t)LM_CHUNK * c->vocab_size * 4, "prefill logits");
+    g->bnll = gpu_alloc(chunk * 4, "prefill losses");
+    g->bids = gpu_alloc(2 * chunk * sizeof(int), "prefill token ids");
     m->s.logits = xmalloc((size_t)c->vocab_size * 4, "logits");
     size_t free_bytes, total_bytes;
     CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
     fprintf(stderr, "[GPU memory in use: %zu MB of %zu MB]\n", (total_bytes - free_bytes) >> 20, total_bytes >> 20);
 }
 
+// One layer's weights and caches on the device.
+typedef struct {
+    const float *rms_att, *rms_ffn, *bqkv, *q_norm, *k_norm;  // bqkv, q_norm, k_norm may be NULL
+    const void *wqkv, *wo, *w_gate_up, *w_down;
+    float k_scale;
+    void *k_cache, *v_cache;
+} LayerGpu;
+
+static const void* on_gpu(const Model* m, size_t offset) { return offset ? m->gpu->weights + offset - HEADER_BYTES : NULL; }
+
+static LayerGpu layer_gpu(const Model* m, int l) {
+    const Config* c = &m->config;
+    const Layout* o = &m->at;
+    size_t D = c->dim, H = c->hidden_dim, hd = c->head_dim, QKV = qkv_dim(c), wb = wbytes(c);
+    size_t cache = (size_t)l * m->seq_len * kv_dim(c) * 2;
+    LayerGpu w;
+    w.rms_att = (const float*)on_gpu(m, o->rms_att) + l * D;
+    w.rms_ffn = (const float*)on_gpu(m, o->rms_ffn) + l * D;
+    w.bqkv = o->bqkv ? (const float*)on_gpu(m, o->bqkv) + l * QKV : NULL;
+    w.q_norm = o->q_norm ? (const float*)on_gpu(m, o->q_norm) + l * hd : NULL;
+    w.k_norm = o->k_norm ? (const float*)on_gpu(m, o->k_norm) + l * hd : NULL;
+    w.wqkv = (const uint8_t*)on_gpu(m, o->wqkv) + l * QKV * D * wb;
+    w.wo = (const uint8_t*)on_gpu(m, o->wo) + l * D * q_dim(c) * wb;
+    w.w_gate_up = (const uint8_t*)on_gpu(m, o->w_gate_up) + l * 2 * H * D * wb;
+    w.w_down = (const uint8_t*)on_gpu(m, o->w_down) + l * D * H * wb;
+    w.k_scale = m->use_k_scale ? ((const float*)(m->file + o->k_scale))[l] : 1.0f;
+    w.k_cache = (uint8_t*)m->gpu->key_cache + cache;
+    w.v_cache = (uint8_t*)m->gpu->value_cache + cache;
+    return w;
+}
+
 // Enqueues one decode step: token and position come from host_io, the argmax goes back to it.
 static void enqueue_step(Model* m) {
     Config* c = &m->config;
     struct Gpu* g = m->gpu;
-    Layout* o = &m->at;
     cudaStream_t st = g->stream;
-    int D = c->dim, H = c->hidden_dim, hd = c->head_dim, QKV = qkv_dim(c), KV = kv_dim(c), wt = c->wdtype;
-    size_t wb = wbytes(c);
-#define DEV(offset) ((offset) ? g->weights + (offset) - HEADER_BYTES : NULL)
-    const float* k_scales = (const float*)(m->file + o->k_scale);
+    int D = c->dim, H = c->hidden_dim, hd = c->head_dim, QKV = qkv_dim(c), wt = c->wdtype;
+    const int* pos = g->io + 1;
     CUDA_CHECK(cudaMemcpyAsync(g->io, g->host_io, 2 * sizeof(int), cudaMemcpyHostToDevice, st));
-    const int* d_pos = g->io + 1;
-
-    embed_gpu(g->x, DEV(o->embedding), wt, g->io, D, st);
+    embed_gpu(g->x, on_gpu(m, m->at.embedding), wt, g->io, 1, D, st);
     for (int l = 0; l < c->n_layers; l++) {
-        const float* rms_att = (const float*)DEV(o->rms_att) + l * D;
-        const void* wqkv = DEV(o->wqkv) + (size_t)l * QKV * D * wb;
-        const float* bqkv = o->bqkv ? (const float*)DEV(o->bqkv) + (size_t)l * QKV : NULL;
-        const float* q_norm = o->q_norm ? (const float*)DEV(o->q_norm) + l * hd : NULL;
-        const float* k_norm = o->k_norm ? (const float*)DEV(o->k_norm) + l * hd : NULL;
-        const void* wo = DEV(o->wo) + (size_t)l * D * q_dim(c) * wb;
-        float k_scale = m->use_k_scale ? k_scales[l] : 1.0f;
-        void* kc = (uint8_t*)g->key_cache + (size_t)l * m->seq_len * KV * 2;
-        void* vc = (uint8_t*)g->value_cache + (size_t)l * m->seq_len * KV * 2;
+        LayerGpu w = layer_gpu(m, l);
         if (g->fused) {  // x += o_proj(attention(rope(qk_norm(qkv(rmsnorm(x)))))) in one kernel
-            AttentionLayer layer = {g->x, rms_att, wqkv, bqkv, q_norm, k_norm, k_scale, wo, kc, vc,
-                                    d_pos, g->qkv, g->att, g->scratch, D, c->n_heads, c->n_kv_heads,
-                                    hd, m->seq_len, wt, g->kv_dtype, c->rope_theta, c->eps};
+            AttentionLayer layer = {g->x, w.rms_att, w.wqkv, w.bqkv, w.q_norm, w.k_norm, w.k_scale, w.wo,
+                                    w.k_cache, w.v_cache, pos, g->qkv, g->att, g->scratch, D, c->n_heads,
+                                    c->n_kv_heads, hd, m->seq_len, wt, g->kv_dtype, c->rope_theta, c->eps};
             attention_fused_gpu(&layer, st);
         } else {  // the same, one kernel per step
-            float *q = g->qkv, *k = q + q_dim(c), *v = k + KV;
-            rmsnorm_gpu(g->xb, g->x, rms_att, 1, D, c->eps, st);
-            matvec_gpu(g->qkv, wqkv, wt, g->xb, bqkv, QKV, D, 0, st);
-            qk_norm_rope_gpu(q, k, v, q_norm, k_norm, k_scale, kc, vc, g->kv_dtype, d_pos,
+            float *q = g->qkv, *k = q + q_dim(c), *v = k + kv_dim(c);
+            rmsnorm_gpu(g->xb, g->x, w.rms_att, 1, D, c->eps, st);
+            matvec_gpu(g->qkv, w.wqkv, wt, g->xb, w.bqkv, QKV, D, 0, st);
+            qk_norm_rope_gpu(q, k, v, w.q_norm, w.k_norm, w.k_scale, w.k_cache, w.v_cache, g->kv_dtype, pos,
                              c->n_heads, c->n_kv_heads, hd, c->rope_theta, c->eps, st);
-            attention_gpu(g->att, q, kc, vc, g->kv_dtype, d_pos, c->n_heads, c->n_kv_heads, hd,
-                          m->seq_len, k_scale / sqrtf((float)hd), g->scratch, st);
-            matvec_gpu(g->x, wo, wt, g->att, NULL, D, q_dim(c), 1, st);
+            attention_gpu(g->att, q, w.k_cache, w.v_cache, g->kv_dtype, pos, c->n_heads, c->n_kv_heads, hd,
+                          m->seq_len, w.k_scale / sqrtf((float)hd), g->scratch, st);
+            matvec_gpu(g->x, w.wo, wt, g->att, NULL, D, q_dim(c), 1, st);
         }
         // x += Wdown @ (silu(Wgate @ rmsnorm(x)) * (Wup @ rmsnorm(x)))
-        rmsnorm_gpu(g->xb, g->x, (const float*)DEV(o->rms_ffn) + l * D, 1, D, c->eps, st);
-        swiglu_matvec_gpu(g->hb, DEV(o->w_gate_up) + (size_t)l * 2 * H * D * wb, wt, g->xb, H, D, st);
-        matvec_gpu(g->x, DEV(o->w_down) + (size_t)l * D * H * wb, wt, g->hb, NULL, D, H, 1, st);
+        rmsnorm_gpu(g->xb, g->x, w.rms_ffn, 1, D, c->eps, st);
+        swiglu_matvec_gpu(g->hb, w.w_gate_up, wt, g->xb, H, D, st);
+        matvec_gpu(g->x, w.w_down, wt, g->hb, NULL, D, H, 1, st);
     }
-    // logits = lm_head @ rmsnorm(x)
-    rmsnorm_gpu(g->xb, g->x, (const float*)DEV(o->rms_final), 1, D, c->eps, st);
-    matvec_gpu(g->logits, DEV(o->lm_head), wt, g->xb, NULL, c->vocab_size, D, 0, st);
-#undef DEV
+    // logits = lm_head @ rmsnorm(x), and their argmax
+    rmsnorm_gpu(g->xb, g->x, on_gpu(m, m->at.rms_final), 1, D, c->eps, st);
+    matvec_gpu(g->logits, on_gpu(m, m->at.lm_head), wt, g->xb, NULL, c->vocab_size, D, 0, st);
     argmax_gpu(g->io + 2, g->logits, c->vocab_size, st);
     CUDA_CHECK(cudaMemcpyAsync(g->host_io + 2, g->io + 2, sizeof(int), cudaMemcpyDeviceToHost, st));
 }
 
-// One step through the captured graph: ~200 kernels launched as one, with no gaps on the host.
+// The last position's logits (when the caller reads them) and their argmax, to the host.
+static float* finish_gpu(Model* m) {
+    struct Gpu* g = m->gpu;
+    if (m->need_logits)
+        CUDA_CHECK(cudaMemcpyAsync(m->s.logits, g->logits, (size_t)m->config.vocab_size * 4, cudaMemcpyDeviceToHost, g->stream));
+    CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    m->next_greedy = g->host_io[2];
+    return m->s.logits;
+}
+
+// One decode step through the captured graph: ~200 kernels launched as one, no host gaps.
 static float* forward_gpu(Model* m, int token, int pos) {
     struct Gpu* g = m->gpu;
     if (!g->step) {
@@ -511,13 +562,59 @@ static float* forward_gpu(Model* m, int token, int pos) {
     g->host_io[0] = token;
     g->host_io[1] = pos;
     CUDA_CHECK(cudaGraphLaunch(g->step, g->stream));
-    if (m->need_logits)
-        CUDA_CHECK(cudaMemcpyAsync(m->s.logits, g->logits, (size_t)m->config.vocab_size * 4, cudaMemcpyDeviceToHost, g->stream));
-    CUDA_CHECK(cudaStreamSynchronize(g->stream));
-    m->next_greedy = g->host_io[2];
-    return m->s.logits;
+    return finish_gpu(m);
 }
 
+// Prefill: n <= PREFILL_CHUNK tokens at positions pos.. in one pass, every product a matrix product
+// on the tensor cores (prefill.h). The last position's logits go where forward_gpu puts them; with
+// all_logits (host, (n, vocab)) every position's logits are copied there; with targets (n), returns
+// the sum over positions t of -log p(targets[t]).
+static double forward_batch_gpu(Model* m, const int* ids, int n, int pos, float* all_logits, const int* targets) {
+    Config* c = &m->config;
+    struct Gpu* g = m->gpu;
+    cudaStream_t st = g->stream;
+    int D = c->dim, H = c->hidden_dim, hd = c->head_dim, QKV = qkv_dim(c), V = c->vocab_size, wt = c->wdtype;
+    int chunk = m->seq_len < PREFILL_CHUNK ? m->seq_len : PREFILL_CHUNK;
+    const void* lm_head = on_gpu(m, m->at.lm_head);
+    CUDA_CHECK(cudaMemcpyAsync(g->bids, ids, n * sizeof(int), cudaMemcpyHostToDevice, st));
+    if (targets) CUDA_CHECK(cudaMemcpyAsync(g->bids + chunk, targets, n * sizeof(int), cudaMemcpyHostToDevice, st));
+    embed_gpu(g->bx, on_gpu(m, m->at.embedding), wt, g->bids, n, D, st);
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerGpu w = layer_gpu(m, l);
+        // x += o_proj(attention(rope(qk_norm(qkv(rmsnorm(x))))))
+        rmsnorm_gpu(g->bxb, g->bx, w.rms_att, n, D, c->eps, st);
+        matmul_gpu(g->bqkv, w.wqkv, wt, g->bxb, w.bqkv, n, QKV, D, 0, st);
+        qk_norm_rope_batch_gpu(g->bqkv, w.q_norm, w.k_norm, w.k_scale, w.k_cache, w.v_cache, g->kv_dtype,
+                               pos, n, c->n_heads, c->n_kv_heads, hd, c->rope_theta, c->eps, st);
+        attention_prefill_gpu(g->batt, g->bqkv, w.k_cache, w.v_cache, g->kv_dtype, pos, n, c->n_heads,
+                              c->n_kv_heads, hd, w.k_scale / sqrtf((float)hd), st);
+        matmul_gpu(g->bx, w.wo, wt, g->batt, NULL, n, D, q_dim(c), 1, st);
+        // x += Wdown @ (silu(Wgate @ rmsnorm(x)) * (Wup @ rmsnorm(x)))
+        rmsnorm_gpu(g->bxb, g->bx, w.rms_ffn, n, D, c->eps, st);
+        matmul_gpu(g->bgate_up, w.w_gate_up, wt, g->bxb, NULL, n, 2 * H, D, 0, st);
+        swiglu_gpu(g->bh, g->bgate_up, n, H, st);
+        matmul_gpu(g->bx, w.w_down, wt, g->bh, NULL, n, D, H, 1, st);
+    }
+    rmsnorm_gpu(g->bxb, g->bx, on_gpu(m, m->at.rms_final), n, D, c->eps, st);
+    for (int t = 0; (all_logits || targets) && t < n; t += LM_CHUNK) {  // logits of every position
+        int k = n - t < LM_CHUNK ? n - t : LM_CHUNK;
+        matmul_gpu(g->blogits, lm_head, wt, g->bxb + (size_t)t * D, NULL, k, V, D, 0, st);
+        if (targets) cross_entropy_gpu(g->bnll + t, g->blogits, g->bids + chunk + t, k, V, st);
+        if (all_logits)
+            CUDA_CHECK(cudaMemcpyAsync(all_logits + (size_t)t * V, g->blogits, (size_t)k * V * 4, cudaMemcpyDeviceToHost, st));
+    }
+    // the last position's logits and argmax, as a decode step leaves them
+    matvec_gpu(g->logits, lm_head, wt, g->bxb + (size_t)(n - 1) * D, NULL, V, D, 0, st);
+    argmax_gpu(g->io + 2, g->logits, V, st);
+    CUDA_CHECK(cudaMemcpyAsync(g->host_io + 2, g->io + 2, sizeof(int), cudaMemcpyDeviceToHost, st));
+    float* nll = targets ? xmalloc(n * sizeof(float), "losses") : NULL;
+    if (targets) CUDA_CHECK(cudaMemcpyAsync(nll, g->bnll, n * sizeof(float), cudaMemcpyDeviceToHost, st));
+    finish_gpu(m);
+    double sum = 0;
+    for (int t = 0; targets && t < n; t++) sum += nll[t];
+    free(nll);
+    return sum;
+}
 #endif
 
 static float* forward(Model* m, int token, int pos) {
@@ -530,6 +627,35 @@ static float* forward(Model* m, int token, int pos) {
     m->next_greedy = argmax(logits, m->config.vocab_size);
     return logits;
 #endif
+}
+
+// Feeds ids[0..n) at positions pos..; afterwards m->s.logits and m->next_greedy describe the last
+// position. all_logits (n, vocab_size), if given, receives every position's logits; with targets
+// (n), returns the summed -log p(targets[i] | ids up to i). The GPU runs this batched.
+static double feed(Model* m, const int* ids, long n, int pos, float* all_logits, const int* targets) {
+    for (long i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= m->config.vocab_size) die("token id %d is outside the vocabulary [0, %d)", ids[i], m->config.vocab_size);
+    if (pos + n > m->seq_len) die("%ld tokens at position %d pass the context length %d", n, pos, m->seq_len);
+    size_t V = m->config.vocab_size;
+    double nll = 0;
+#ifdef USE_CUDA
+    for (long i = 0; i < n; i += PREFILL_CHUNK) {
+        int k = n - i < PREFILL_CHUNK ? (int)(n - i) : PREFILL_CHUNK;
+        nll += forward_batch_gpu(m, ids + i, k, pos + (int)i, all_logits ? all_logits + i * V : NULL, targets ? targets + i : NULL);
+    }
+#else
+    for (long i = 0; i < n; i++) {
+        float* logits = forward(m, ids[i], pos + (int)i);
+        if (all_logits) memcpy(all_logits + i * V, logits, V * sizeof(float));
+        if (targets) {  // log-sum-exp minus the target's logit
+            float max = logits[m->next_greedy];
+            double sum = 0;
+            for (size_t j = 0; j < V; j++) sum += expf(logits[j] - max);
+            nll += max + log(sum) - logits[targets[i]];
+        }
+    }
+#endif
+    return nll;
 }
 
 // ----------------------------------------------------------------------------
@@ -641,13 +767,6 @@ static int is_stop(const Tokenizer* t, int id) {
     return id == tokenizer_find(t, "<|im_end|>") || id == tokenizer_find(t, "<|endoftext|>");
 }
 
-// Feeds ids[0..n) at positions pos.. and returns the logits after the last one.
-static float* prefill(Model* m, const int* ids, long n, int pos) {
-    float* logits = NULL;
-    for (long i = 0; i < n; i++) logits = forward(m, ids[i], pos + (int)i);
-    return logits;
-}
-
 static void print_ids(const char* label, const int* ids, long n) {
     fprintf(stderr, "%s:", label);
     for (long i = 0; i < n; i++) fprintf(stderr, " %d", ids[i]);
@@ -681,11 +800,11 @@ static void generate(Model* m, const Tokenizer* t, Sampler* s, const Options* o)
     if (n >= m->seq_len) die("the prompt has %ld tokens; the context holds %d (raise -c)", n, m->seq_len);
     if (o->verbose) print_ids("prompt ids", ids, n);
     double start = now_s();
-    float* logits = prefill(m, ids, n, 0);
+    feed(m, ids, n, 0, NULL, NULL);
     double dt = now_s() - start;
     fprintf(stderr, "[prefill: %ld tokens, %.1f tok/s, %.2f ms]\n", n, n / (dt > 0 ? dt : 1e-9), dt * 1e3);
     int steps = o->steps ? o->steps : m->seq_len, stop;
-    reply(m, t, s, logits, (int)n, steps, &stop);
+    reply(m, t, s, m->s.logits, (int)n, steps, &stop);
     free(ids);
 }
 
@@ -712,9 +831,9 @@ static void chat(Model* m, const Tokenizer* t, Sampler* s, const Options* o) {
         int* ids = encode_or_die(t, text, strlen(text), &n, "the message");
         if (pos + n >= m->seq_len) die("the conversation needs %ld tokens; the context holds %d (raise -c)", pos + n, m->seq_len);
         if (o->verbose) print_ids("prompt ids", ids, n);
-        float* logits = prefill(m, ids, n, pos);
+        feed(m, ids, n, pos, NULL, NULL);
         int stop;
-        pos = reply(m, t, s, logits, pos + (int)n, steps, &stop);
+        pos = reply(m, t, s, m->s.logits, pos + (int)n, steps, &stop);
         free(ids);
         free(text);
         if (pos >= m->seq_len) { fprintf(stderr, "[the context is full]\n"); break; }
@@ -734,15 +853,8 @@ static void perplexity(Model* m, const Tokenizer* t, const Options* o) {
     long scored = 0;
     for (long w = 0; w + 1 < n; w += m->seq_len) {
         long end = w + m->seq_len < n ? w + m->seq_len : n;
-        for (long j = w; j < end; j++) {
-            float* logits = forward(m, ids[j], (int)(j - w));
-            if (j + 1 == end) break;
-            float max = logits[argmax(logits, m->config.vocab_size)];
-            double sum = 0;
-            for (int i = 0; i < m->config.vocab_size; i++) sum += expf(logits[i] - max);
-            nll += max + log(sum) - logits[ids[j + 1]];
-            scored++;
-        }
+        nll += feed(m, ids + w, end - w - 1, 0, NULL, ids + w + 1);  // the last token only a target
+        scored += end - w - 1;
         fprintf(stderr, "[ppl: %ld/%ld tokens, running ppl %.4f, %.1f tok/s]\n", end, n,
                 exp(nll / scored), end / (now_s() - start));
     }
@@ -770,32 +882,38 @@ static void tokenize(const Tokenizer* t, const Options* o) {
 // with -o, writes the float32 logits of every position fed, (positions, vocab_size), for tests.
 static void logits_mode(Model* m, const Options* o) {
     if (!o->file) die("logits needs -f IDS_FILE");
-    size_t len;
+    size_t len, V = m->config.vocab_size;
     char* text = read_file(o->file, &len);
-    FILE* out = o->output ? fopen(o->output, "wb") : NULL;
-    if (o->output && !out) die("%s: %s", o->output, strerror(errno));
-    int pos = 0, V = m->config.vocab_size;
-    float* logits = NULL;
+    int* ids = xmalloc((len / 2 + 1) * sizeof(int), "token ids");  // ids are separated: <= len/2 + 1
+    long n = 0;
     for (char* p = text; *p;) {
         if (isspace((unsigned char)*p)) { p++; continue; }
         char* end;
         long id = strtol(p, &end, 10);
-        if (end == p || (*end && !isspace((unsigned char)*end)) || id < 0 || id >= V)
-            die("%s: token %d is not an id in [0, %d)", o->file, pos, V);
-        if (pos >= m->seq_len) die("%s: more ids than the context holds (%d; raise -c)", o->file, m->seq_len);
-        logits = forward(m, (int)id, pos++);
-        if (out && fwrite(logits, 4, V, out) != (size_t)V) die("%s: write failed", o->output);
+        if (end == p || (*end && !isspace((unsigned char)*end)) || id < 0 || id >= (long)V)
+            die("%s: token %ld is not an id in [0, %zu)", o->file, n, V);
+        ids[n++] = (int)id;
         p = end;
     }
-    if (!logits) die("%s: no token ids", o->file);
-    for (int i = 0; i < o->steps && pos < m->seq_len; i++) {
+    if (n == 0) die("%s: no token ids", o->file);
+    if (n + o->steps > m->seq_len) die("%s: %ld ids and -n %d need more than the context (%d; raise -c)", o->file, n, o->steps, m->seq_len);
+    float* logits = o->output ? xmalloc((n + o->steps) * V * sizeof(float), "logits") : NULL;
+    feed(m, ids, n, 0, logits, NULL);
+    for (int i = 0; i < o->steps; i++) {
         int next = m->next_greedy;
         printf(i ? " %d" : "%d", next);
-        logits = forward(m, next, pos++);
-        if (out && fwrite(logits, 4, V, out) != (size_t)V) die("%s: write failed", o->output);
+        float* step = forward(m, next, (int)n + i);
+        if (logits) memcpy(logits + (n + i) * V, step, V * sizeof(float));
     }
     printf("\n");
-    if (out && fclose(out) != 0) die("%s: write failed", o->output);
+    if (o->output) {
+        FILE* out = fopen(o->output, "wb");
+        if (!out) die("%s: %s", o->output, strerror(errno));
+        if (fwrite(logits, sizeof(float) * V, n + o->steps, out) != (size_t)(n + o->steps) || fclose(out) != 0)
+            die("%s: write failed", o->output);
+    }
+    free(logits);
+    free(ids);
     free(text);
 }
 

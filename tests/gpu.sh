@@ -2,17 +2,17 @@
 # Everything that needs the GPU, in one call: build, kernel checks, parity with Hugging Face,
 # compute-sanitizer, benchmark. Run from the repo root on the GPU machine with .gpu/ holding
 # tokenizer.json, tokenizer_config.json and tinyshakespeare.txt (copied from ../shared):
-#     bash tests/gpu.sh [kernels] [parity] [sanitizer] [bench]     (default: all four)
+#     bash tests/gpu.sh [kernels] [prefill] [parity] [sanitizer] [bench]     (default: all)
 # Logs go to $OUT (or /tmp/gpu-out); the tables are printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 WORK=/tmp/gpu-work
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
-steps=${*:-kernels parity sanitizer bench}
+steps=${*:-kernels prefill parity sanitizer bench}
 status=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
-make -s run runcpu >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+make -s -j4 run runcpu build/libkernels.so >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 
 step() {  # name, command...: runs it, logs it, keeps its exit status
     local name=$1; shift
@@ -25,6 +25,8 @@ step() {  # name, command...: runs it, logs it, keeps its exit status
 for s in $steps; do
     case $s in
     kernels) step kernels python3 tests/gpu_kernels.py ;;
+    kernels-quick) step kernels python3 tests/gpu_kernels.py --quick ;;
+    prefill) step prefill python3 tests/gpu_prefill.py ;;
     parity) step parity python3 tests/gpu_parity.py "$WORK" .gpu/tinyshakespeare.txt .gpu ;;
     sanitizer)
         python3 export.py tests/fixtures/qwen3_gqa2_bf16 "$WORK/tiny.bin" 2>/dev/null
@@ -40,6 +42,8 @@ for s in $steps; do
 done
 cp "$WORK"/*.json "$OUT"/ 2>/dev/null
 echo
-for f in parity bench; do [ -f "$OUT/$f.log" ] && sed -n '/^$/,$p' "$OUT/$f.log" | tail -40; done
+[ -f "$OUT/kernels.log" ] && tail -n 1 "$OUT/kernels.log"
+[ -f "$OUT/prefill.log" ] && tail -n 30 "$OUT/prefill.log"
+for f in parity bench; do [ -f "$OUT/$f.log" ] && sed -n '/^$/,$p' "$OUT/$f.log" | tail -45; done
 grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT"/*check*.log 2>/dev/null
 exit $status

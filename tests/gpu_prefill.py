@@ -1,8 +1,8 @@
-"""GPU checks and timings of the prefill launchers (prefill.h): matmul_gpu, swiglu_gpu,
+"""GPU checks and timings of the prefill launchers (kernels.h): matmul_gpu, swiglu_gpu,
 qk_norm_rope_batch_gpu, attention_prefill_gpu.
 
 Runs on the GPU machine, from the repo root: python3 tests/gpu_prefill.py
-Builds build/libprefill.so from matmul.cu and prefill_attention.cu, calls it through ctypes on
+Builds build/libkernels.so (make), calls it through ctypes on
 torch tensors, and compares with torch float64 references on the same rounded inputs.
 
 Thresholds (relative L2 error):
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIB = os.path.join(ROOT, "build", "libprefill.so")
+LIB = os.path.join(ROOT, "build", "libkernels.so")
 DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 NAME = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
@@ -38,10 +38,7 @@ rows, failures = [], []
 
 
 def build():
-    os.makedirs(os.path.dirname(LIB), exist_ok=True)
-    cmd = ["nvcc", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
-           "-o", LIB, "matmul.cu", "prefill_attention.cu"]
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    subprocess.run(["make", "-s", "build/libkernels.so"], cwd=ROOT, check=True)
     lib = ctypes.CDLL(LIB)
     P, I, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.matmul_gpu.argtypes = [P, P, I, P, P, I, I, I, I, P]
