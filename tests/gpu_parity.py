@@ -10,11 +10,15 @@ Models (seeded random weights, peaked logits, k_norm outliers as Qwen3-0.6B has 
   stress       qwen3-0.6b's shape, 4 layers, k_norm gains x1000 (unscaled fp16 K would be inf)
 Each is saved in bf16, so HF's float32 reference and our files hold the same weights.
 
-Tolerances, per KV-cache dtype (activations and sums are float32; the cache rounding dominates):
-relative L2 of each position's logits <= 2e-2 with a bf16 cache (8-bit mantissa), <= 4e-3 with
-fp16 (11-bit). Top-1 must agree with HF wherever HF's top-1/top-2 gap exceeds the noise the
-tolerance allows there, 6 x tol x rms(logits); greedy continuations must agree up to the first
-step whose HF gap is under that noise. Prints one table; exits non-zero on any failure.
+Tolerances, per KV-cache dtype X (activations and sums are float32; 16-bit rounding of the cache,
+and of q and the activations in prefill's tensor-core products, dominates): the worst relative L2
+error of a position's logits must stay within max(base[X], what Hugging Face itself gets running
+the same weights in X), base = 2e-2 for bf16 (8-bit mantissa) and 4e-3 for fp16 (11-bit). Where
+k_norm gains are large, scores reach the hundreds and a 16-bit rounding of q or K moves them by
+whole units: HF's own bf16 run shows the same error, and that is the yardstick. Top-1 must agree
+with HF wherever HF's top-1/top-2 gap exceeds 6 x base x rms(logits); greedy continuations must
+agree up to the first step whose HF gap is under that noise. Prints one table; exits non-zero on
+any failure.
 """
 import json
 import math
@@ -73,10 +77,10 @@ def build(name, seed):
     return path, model
 
 
-def ours(model, ids, kv, fused, extra=()):
+def ours(model, ids, kv, fused, extra=(), context=1024):
     ids_path, out_path = os.path.join(work, "ids.txt"), os.path.join(work, "logits.bin")
     open(ids_path, "w").write(" ".join(map(str, ids)))
-    sh(["./run", model, "-m", "logits", "-f", ids_path, "-o", out_path, "-c", "1024", "-e", kv, "-a", str(fused), *extra])
+    sh(["./run", model, "-m", "logits", "-f", ids_path, "-o", out_path, "-c", str(context), "-e", kv, "-a", str(fused), *extra])
     return np.fromfile(out_path, dtype=np.float32).reshape(len(ids), -1)
 
 
@@ -87,15 +91,29 @@ def greedy_ours(model, prompt, kv, fused):
     return [int(t) for t in out.split()]
 
 
-def check(label, got, ref, tol):
-    """Per-position relative L2 and top-1 agreement where HF's gap exceeds the noise."""
-    rel = np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
+def rel_l2(got, ref):
+    return np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
+
+
+def check(label, got, ref, tol, hf16=0.0):
+    """Per-position relative L2 (within tol, or HF's own 16-bit error) and top-1 agreement where
+    HF's gap exceeds the noise."""
+    rel = rel_l2(got, ref)
     top2 = np.sort(ref, axis=1)[:, -2:]
     noise = 6 * tol * np.sqrt((ref ** 2).mean(axis=1))
     clear = top2[:, 1] - top2[:, 0] > noise
     agree = got.argmax(1) == ref.argmax(1)
-    ok = bool(np.all(np.isfinite(got)) and rel.max() <= tol and np.all(agree[clear]))
+    ok = bool(np.all(np.isfinite(got)) and rel.max() <= max(tol, hf16) and np.all(agree[clear]))
     return ok, rel, agree, clear
+
+
+def hf16_errors(model, ids, ref):
+    """HF's own error running the model's weights in bf16 and fp16 (inf where it overflows)."""
+    errors = {}
+    for kv, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        low = model.to(dtype)(torch.tensor([ids]).cuda()).logits[0].float().cpu().numpy()
+        errors[kv] = float(rel_l2(low, ref).max()) if np.all(np.isfinite(low)) else float("inf")
+    return errors
 
 
 def fixtures():
@@ -112,13 +130,16 @@ def fixtures():
         open(ids_path, "w").write(" ".join(map(str, ids)))
         sh(["./runcpu", checkpoint, "-m", "logits", "-f", ids_path, "-o", os.path.join(work, "cpu.bin")])
         cpu = np.fromfile(os.path.join(work, "cpu.bin"), dtype=np.float32).reshape(ref.shape)
+        cls = Qwen3ForCausalLM if name.startswith("qwen3") else Qwen2ForCausalLM
+        model = cls.from_pretrained(os.path.join(root, name), dtype=torch.float32, attn_implementation="eager").cuda()
+        hf16 = hf16_errors(model, ids, ref)
         for kv, fused in (("bf16", 1), ("bf16", 0), ("fp16", 1), ("fp16", 0)):
-            got = ours(checkpoint, ids, kv, fused)
-            ok, rel, agree, clear = check(name, got, ref, TOL[kv])
-            ok_cpu, rel_cpu, _, _ = check(name, got, cpu, TOL[kv])
+            got = ours(checkpoint, ids, kv, fused, context=512)
+            ok, rel, agree, clear = check(name, got, ref, TOL[kv], hf16[kv] if np.isfinite(hf16[kv]) else 0.0)
+            ok_cpu, rel_cpu, _, _ = check(name, got, cpu, TOL[kv], hf16[kv] if np.isfinite(hf16[kv]) else 0.0)
             ok = ok and ok_cpu
             rows.append((name, f"own w, {kv} KV, {'fused' if fused else 'unfused'}",
-                         f"{rel.max():.2e} / {np.median(rel):.1e}", f"{agree.mean():.1%} (vs runcpu {rel_cpu.max():.1e})",
+                         f"{rel.max():.2e} / {np.median(rel):.1e} (HF {kv} {hf16[kv]:.1e})", f"{agree.mean():.1%} (vs runcpu {rel_cpu.max():.1e})",
                          "-", "ok" if ok else "FAIL"))
             if not ok:
                 failures.append((name, kv, fused))
@@ -138,6 +159,7 @@ def main():
         hf_greedy = gen.sequences[0, len(prompt):].tolist()
         hf_gaps = [float(torch.topk(s[0].float(), 2).values.diff().abs()) for s in gen.scores]
         hf_rms = [float(s[0].float().pow(2).mean().sqrt()) for s in gen.scores]
+        hf16 = hf16_errors(model, ids, ref)
         del model
         torch.cuda.empty_cache()
         runs = [("fp16", "fp16", 1)] if name == "stress" else RUNS
@@ -150,9 +172,9 @@ def main():
             if name == "stress":
                 unscaled = ours(checkpoint, ids, kv, fused, ("-K", "0"))
                 finite = float(np.isfinite(unscaled).mean())
-                rows.append((name, "fp16 w, fp16 KV, no k_scale", "-", "-", f"finite {finite:.0%}",
+                rows.append((name, "fp16 w, fp16 KV, no k_scale", f"(HF fp16: {hf16['fp16']:.1e})", "-", f"finite {finite:.0%}",
                              "expected to fail" if finite < 1 else "UNEXPECTED: finite"))
-            ok, rel, agree, clear = check(name, got, ref, tol)
+            ok, rel, agree, clear = check(name, got, ref, tol, hf16[kv] if np.isfinite(hf16[kv]) else 0.0)
             # greedy: equal to HF up to the first step whose HF gap is under the noise
             g = greedy_ours(checkpoint, prompt, kv, fused)
             first_tie = next((i for i, (gap, r) in enumerate(zip(hf_gaps, hf_rms)) if gap < 6 * tol * r), N_GREEDY)
@@ -160,7 +182,7 @@ def main():
             greedy_ok = g[:upto] == hf_greedy[:upto]
             ok = ok and greedy_ok
             label = f"{wdtype} w, {kv} KV, {'fused' if fused else 'unfused'}"
-            rows.append((name, label, f"{rel.max():.2e} / {np.median(rel):.1e}",
+            rows.append((name, label, f"{rel.max():.2e} / {np.median(rel):.1e} (HF {kv} {hf16[kv]:.1e})",
                          f"{agree.mean():.1%} ({agree[clear].mean():.0%} of {clear.sum()} clear)",
                          f"{upto}/{N_GREEDY}", "ok" if ok else "FAIL"))
             if not ok:
