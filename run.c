@@ -777,7 +777,7 @@ static void print_ids(const char* label, const int* ids, long n) {
 // stops at a stop token, which is returned in *stop and not fed. Returns the next free position.
 static int reply(Model* m, const Tokenizer* t, Sampler* s, float* logits, int pos, int steps, int* stop) {
     Utf8Stream out = {0};
-    double start = now_s();
+    double start = 0;
     int generated = 0;
     *stop = -1;
     while (generated < steps && pos < m->seq_len) {
@@ -786,10 +786,11 @@ static int reply(Model* m, const Tokenizer* t, Sampler* s, float* logits, int po
         print_token(t, &out, next);
         generated++;
         logits = forward(m, next, pos++);
+        if (generated == 1) start = now_s();  // steady state: after the first step's one-time setup
     }
     utf8_stream_flush(&out, stdout);
     double dt = now_s() - start;
-    fprintf(stderr, "\n[decode: %d tokens, %.1f tok/s]\n", generated, generated / (dt > 0 ? dt : 1e-9));
+    if (generated > 1) fprintf(stderr, "\n[decode: %d tokens, %.1f tok/s]\n", generated, (generated - 1) / dt);
     return pos;
 }
 

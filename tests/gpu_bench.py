@@ -42,7 +42,8 @@ def copy_bandwidth():
 
 
 def run(args):
-    r = subprocess.run(args, capture_output=True, text=True)
+    # every kernel loaded at start, so no timed region pays for lazy module loading
+    r = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "CUDA_MODULE_LOADING": "EAGER"})
     if r.returncode:
         raise RuntimeError(f"{' '.join(args)}:\n{r.stderr[-2000:]}")
     return r.stdout, r.stderr

@@ -13,12 +13,12 @@ Each is saved in bf16, so HF's float32 reference and our files hold the same wei
 Tolerances, per KV-cache dtype X (activations and sums are float32; 16-bit rounding of the cache,
 and of q and the activations in prefill's tensor-core products, dominates): the worst relative L2
 error of a position's logits must stay within max(base[X], what Hugging Face itself gets running
-the same weights in X), base = 2e-2 for bf16 (8-bit mantissa) and 4e-3 for fp16 (11-bit). Where
-k_norm gains are large, scores reach the hundreds and a 16-bit rounding of q or K moves them by
-whole units: HF's own bf16 run shows the same error, and that is the yardstick. Top-1 must agree
-with HF wherever HF's top-1/top-2 gap exceeds 6 x base x rms(logits); greedy continuations must
-agree up to the first step whose HF gap is under that noise. Prints one table; exits non-zero on
-any failure.
+the same weights in X; in bf16 where HF's fp16 overflows, as on the stress model), base = 2e-2 for
+bf16 (8-bit mantissa) and 4e-3 for fp16 (11-bit). Where k_norm gains are large, scores reach the
+hundreds and a 16-bit rounding of q or K moves them by whole units: HF's own 16-bit run shows the
+same error, and that is the yardstick. Top-1 must agree with HF wherever HF's top-1/top-2 gap
+exceeds 6 x the allowed error x rms(logits); greedy continuations must agree up to the first step
+whose HF gap is under that noise. Prints one table; exits non-zero on any failure.
 """
 import json
 import math
@@ -96,14 +96,15 @@ def rel_l2(got, ref):
 
 
 def check(label, got, ref, tol, hf16=0.0):
-    """Per-position relative L2 (within tol, or HF's own 16-bit error) and top-1 agreement where
-    HF's gap exceeds the noise."""
+    """Per-position relative L2 within the allowed error, max(tol, HF's own 16-bit error), and
+    top-1 agreement wherever HF's gap exceeds 6 x that error x rms(logits)."""
+    allowed = max(tol, hf16)
     rel = rel_l2(got, ref)
     top2 = np.sort(ref, axis=1)[:, -2:]
-    noise = 6 * tol * np.sqrt((ref ** 2).mean(axis=1))
+    noise = 6 * allowed * np.sqrt((ref ** 2).mean(axis=1))
     clear = top2[:, 1] - top2[:, 0] > noise
     agree = got.argmax(1) == ref.argmax(1)
-    ok = bool(np.all(np.isfinite(got)) and rel.max() <= max(tol, hf16) and np.all(agree[clear]))
+    ok = bool(np.all(np.isfinite(got)) and rel.max() <= allowed and np.all(agree[clear]))
     return ok, rel, agree, clear
 
 
@@ -114,6 +115,12 @@ def hf16_errors(model, ids, ref):
         low = model.to(dtype)(torch.tensor([ids]).cuda()).logits[0].float().cpu().numpy()
         errors[kv] = float(rel_l2(low, ref).max()) if np.all(np.isfinite(low)) else float("inf")
     return errors
+
+
+def yardstick(hf16, kv):
+    """HF's own error in the cache's 16-bit dtype; where HF overflows in fp16 (the stress model),
+    its bf16 error, the only 16-bit run it survives."""
+    return hf16[kv] if np.isfinite(hf16[kv]) else hf16["bf16"]
 
 
 def fixtures():
@@ -135,11 +142,11 @@ def fixtures():
         hf16 = hf16_errors(model, ids, ref)
         for kv, fused in (("bf16", 1), ("bf16", 0), ("fp16", 1), ("fp16", 0)):
             got = ours(checkpoint, ids, kv, fused, context=512)
-            ok, rel, agree, clear = check(name, got, ref, TOL[kv], hf16[kv] if np.isfinite(hf16[kv]) else 0.0)
-            ok_cpu, rel_cpu, _, _ = check(name, got, cpu, TOL[kv], hf16[kv] if np.isfinite(hf16[kv]) else 0.0)
+            ok, rel, agree, clear = check(name, got, ref, TOL[kv], yardstick(hf16, kv))
+            ok_cpu, rel_cpu, _, _ = check(name, got, cpu, TOL[kv], yardstick(hf16, kv))
             ok = ok and ok_cpu
             rows.append((name, f"own w, {kv} KV, {'fused' if fused else 'unfused'}",
-                         f"{rel.max():.2e} / {np.median(rel):.1e} (HF {kv} {hf16[kv]:.1e})", f"{agree.mean():.1%} (vs runcpu {rel_cpu.max():.1e})",
+                         f"{rel.max():.2e} / {np.median(rel):.1e} (HF 16-bit {yardstick(hf16, kv):.1e})", f"{agree.mean():.1%} (vs runcpu {rel_cpu.max():.1e})",
                          "-", "ok" if ok else "FAIL"))
             if not ok:
                 failures.append((name, kv, fused))
@@ -174,15 +181,15 @@ def main():
                 finite = float(np.isfinite(unscaled).mean())
                 rows.append((name, "fp16 w, fp16 KV, no k_scale", f"(HF fp16: {hf16['fp16']:.1e})", "-", f"finite {finite:.0%}",
                              "expected to fail" if finite < 1 else "UNEXPECTED: finite"))
-            ok, rel, agree, clear = check(name, got, ref, tol, hf16[kv] if np.isfinite(hf16[kv]) else 0.0)
+            ok, rel, agree, clear = check(name, got, ref, tol, yardstick(hf16, kv))
             # greedy: equal to HF up to the first step whose HF gap is under the noise
             g = greedy_ours(checkpoint, prompt, kv, fused)
-            first_tie = next((i for i, (gap, r) in enumerate(zip(hf_gaps, hf_rms)) if gap < 6 * tol * r), N_GREEDY)
+            first_tie = next((i for i, (gap, r) in enumerate(zip(hf_gaps, hf_rms)) if gap < 6 * max(tol, yardstick(hf16, kv)) * r), N_GREEDY)
             upto = min(first_tie + 1, N_GREEDY)
             greedy_ok = g[:upto] == hf_greedy[:upto]
             ok = ok and greedy_ok
             label = f"{wdtype} w, {kv} KV, {'fused' if fused else 'unfused'}"
-            rows.append((name, label, f"{rel.max():.2e} / {np.median(rel):.1e} (HF {kv} {hf16[kv]:.1e})",
+            rows.append((name, label, f"{rel.max():.2e} / {np.median(rel):.1e} (HF 16-bit {yardstick(hf16, kv):.1e})",
                          f"{agree.mean():.1%} ({agree[clear].mean():.0%} of {clear.sum()} clear)",
                          f"{upto}/{N_GREEDY}", "ok" if ok else "FAIL"))
             if not ok:
