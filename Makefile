@@ -15,15 +15,22 @@ PYTHON ?= $(firstword $(foreach p,python3 /usr/bin/python3,$(shell $(p) -c "impo
 runcpu: run.c tokenizer.h
 	$(CC) $(CFLAGS) -fopenmp -o $@ run.c -lm
 
-run: run.c tokenizer.h kernels.h $(KERNELS) common.cuh tensor_core.cuh
-	mkdir -p build
-	$(CC) $(CFLAGS) -DUSE_CUDA -I$(dir $(NVCC))../include -c run.c -o build/run.o
-	$(NVCC) $(NVFLAGS) -o $@ build/run.o $(KERNELS) -lm
+KERNEL_OBJS = $(KERNELS:%.cu=build/%.o)
+
+build/%.o: %.cu kernels.h common.cuh tensor_core.cuh
+	@mkdir -p build
+	$(NVCC) $(NVFLAGS) -Xcompiler -fPIC -c $< -o $@
+
+build/run.o: run.c tokenizer.h kernels.h
+	@mkdir -p build
+	$(CC) $(CFLAGS) -DUSE_CUDA -I$(dir $(NVCC))../include -c run.c -o $@
+
+run: build/run.o $(KERNEL_OBJS)
+	$(NVCC) $(NVFLAGS) -o $@ $^ -lm
 
 # every kernel in one shared library, for the kernel tests (tests/gpu_kernels.py, gpu_prefill.py)
-build/libkernels.so: kernels.h $(KERNELS) common.cuh tensor_core.cuh
-	mkdir -p build
-	$(NVCC) $(NVFLAGS) -Xcompiler -fPIC -shared -o $@ $(KERNELS)
+build/libkernels.so: $(KERNEL_OBJS)
+	$(NVCC) $(NVFLAGS) -shared -o $@ $^
 
 build/runcpu-asan: run.c tokenizer.h
 	mkdir -p build

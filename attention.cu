@@ -223,6 +223,7 @@ template <typename KV, int HD, int G>
 __global__ void __launch_bounds__(ATT_THREADS)
 attention_chunk_kernel(float* scratch, const float* q, const KV* k_cache, const KV* v_cache,
                        const int* pos, int n_heads, int n_kv_heads, int n_chunks, float scale) {
+    griddep_wait();
     __shared__ AttendShared<HD, G> sh;
     const int n_sub = (n_heads / n_kv_heads + G - 1) / G;
     attend_chunk<KV, HD, G>(sh, scratch, q, k_cache, v_cache, blockIdx.y / n_sub, blockIdx.y % n_sub,
@@ -232,6 +233,7 @@ attention_chunk_kernel(float* scratch, const float* q, const KV* k_cache, const 
 // out (n_heads, hd); one block per head
 __global__ void attention_merge_kernel(float* out, const float* scratch, const int* pos, int head_dim,
                                        int n_chunks) {
+    griddep_wait();
     const int h = blockIdx.x;
     merge_head(out + (size_t)h * head_dim, scratch + (size_t)h * n_chunks * (head_dim + 2), *pos + 1,
                n_chunks, head_dim);
@@ -243,10 +245,10 @@ static void launch_attention(float* out, const float* q, const void* k_cache, co
                              float* scratch, cudaStream_t stream) {
     const int n_chunks = attention_n_chunks(seq_len);
     const int n_sub = (n_heads / n_kv_heads + G - 1) / G;
-    attention_chunk_kernel<KV, HD, G><<<dim3(n_chunks, n_kv_heads * n_sub), ATT_THREADS, 0, stream>>>(
+    launch_pdl(attention_chunk_kernel<KV, HD, G>, dim3(n_chunks, n_kv_heads * n_sub), ATT_THREADS, 0, stream,
         scratch, q, (const KV*)k_cache, (const KV*)v_cache, pos, n_heads, n_kv_heads, n_chunks, scale);
     CUDA_CHECK(cudaGetLastError());
-    attention_merge_kernel<<<n_heads, ATT_THREADS, 0, stream>>>(out, scratch, pos, HD, n_chunks);
+    launch_pdl(attention_merge_kernel, n_heads, ATT_THREADS, 0, stream, out, scratch, pos, HD, n_chunks);
     CUDA_CHECK(cudaGetLastError());
 }
 

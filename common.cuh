@@ -6,6 +6,28 @@
 #include <cuda_fp16.h>
 #include "kernels.h"
 
+// ---- programmatic dependent launch ----------------------------------------------------------------
+
+// Decode runs ~200 small kernels per token, and between two of them the GPU idles a few us while
+// the next grid launches. Launched with launch_pdl, a kernel may start as soon as every block of
+// the one before it has started; it then waits in griddep_wait(), its first statement, until that
+// kernel has finished and its writes are visible. So the launch overlaps the previous kernel's
+// tail while the order of memory accesses stays that of plain stream order. (Both instructions
+// are no-ops for a kernel launched without the attribute.)
+__device__ __forceinline__ void griddep_wait() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
+}
+
+template <typename... Params, typename... Args>
+void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+    cudaLaunchAttribute attribute;
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {grid, block, smem, stream, &attribute, 1};
+    CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
+}
+
 // ---- element types ------------------------------------------------------------------------------
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -132,6 +154,15 @@ __device__ __forceinline__ void warp_dot_rows(float sums[NROWS], const W* const 
 }
 
 __host__ __device__ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// out (dim) = x * rsqrt(mean(x^2) + eps) * weight, by the whole block; out may be shared memory.
+__device__ __forceinline__ void rmsnorm_block(float* out, const float* x, const float* weight, int dim, float eps) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss = fmaf(x[i], x[i], ss);
+    const float inv_rms = rsqrtf(block_sum(ss) / dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) out[i] = x[i] * inv_rms * weight[i];
+    __syncthreads();
+}
 
 // ---- per-head q_norm/k_norm + RoPE + cache store ------------------------------------------------
 

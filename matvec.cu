@@ -7,10 +7,21 @@
 
 constexpr int MATVEC_WARPS = 8;  // rows per block; 151936 LM-head rows -> 18992 blocks on 132 SMs
 
-// out (rows) (+)= w (rows, cols) . x (cols) + bias (rows, or NULL)
+// With norm (not NULL), the block first RMS-normalises x into shared memory: the RMSNorm before
+// a projection costs no kernel of its own (x is a few KB, read from L2 by every block).
+__device__ __forceinline__ const float* normed_input(const float* x, const float* norm, int cols, float eps) {
+    if (!norm) return x;
+    extern __shared__ float4 normed_x[];  // (cols) floats
+    rmsnorm_block(reinterpret_cast<float*>(normed_x), x, norm, cols, eps);
+    return reinterpret_cast<const float*>(normed_x);
+}
+
+// out (rows) (+)= w (rows, cols) . rmsnorm(x) (cols) + bias (rows, or NULL)
 template <typename W>
-__global__ void matvec_kernel(float* out, const W* w, const float* x, const float* bias, int rows,
-                              int cols, int accumulate, bool vec) {
+__global__ void matvec_kernel(float* out, const W* w, const float* x, const float* norm, float eps,
+                              const float* bias, int rows, int cols, int accumulate, bool vec) {
+    griddep_wait();
+    x = normed_input(x, norm, cols, eps);
     const int row = blockIdx.x * MATVEC_WARPS + threadIdx.x / 32;
     if (row >= rows) return;
     const W* row_ptr[1] = {w + (size_t)row * cols};
@@ -22,11 +33,13 @@ __global__ void matvec_kernel(float* out, const W* w, const float* x, const floa
     }
 }
 
-// h (hidden) = silu(gate . x) * (up . x); w_gate_up (2*hidden, dim): gate rows, then up rows.
-// One warp reads its gate row and its up row together.
+// h (hidden) = silu(gate . rmsnorm(x)) * (up . rmsnorm(x)); w_gate_up (2*hidden, dim): gate rows,
+// then up rows. One warp reads its gate row and its up row together.
 template <typename W>
-__global__ void swiglu_matvec_kernel(float* h, const W* w_gate_up, const float* x, int hidden, int dim,
-                                     bool vec) {
+__global__ void swiglu_matvec_kernel(float* h, const W* w_gate_up, const float* x, const float* norm, float eps,
+                                     int hidden, int dim, bool vec) {
+    griddep_wait();
+    x = normed_input(x, norm, dim, eps);
     const int i = blockIdx.x * MATVEC_WARPS + threadIdx.x / 32;
     if (i >= hidden) return;
     const W* row_ptr[2] = {w_gate_up + (size_t)i * dim, w_gate_up + ((size_t)hidden + i) * dim};
@@ -38,6 +51,7 @@ __global__ void swiglu_matvec_kernel(float* h, const W* w_gate_up, const float* 
 // x (n, dim) = embedding (vocab, dim) rows tokens[0..n); grid (dim blocks, n)
 template <typename W>
 __global__ void embed_kernel(float* x, const W* embedding, const int* tokens, int dim) {
+    griddep_wait();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < dim) x[(size_t)blockIdx.y * dim + i] = to_float(embedding[(size_t)tokens[blockIdx.y] * dim + i]);
 }
@@ -66,6 +80,7 @@ __device__ void block_argmax(float& v, int& idx) {
 }
 
 __global__ void argmax_blocks_kernel(const float* logits, int n) {
+    griddep_wait();
     float v = -INFINITY;
     int idx = INT_MAX;  // loses every tie, so an all -inf input still yields its first index
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
@@ -75,6 +90,7 @@ __global__ void argmax_blocks_kernel(const float* logits, int n) {
 }
 
 __global__ void argmax_final_kernel(int* out, int n_blocks) {
+    griddep_wait();
     float v = -INFINITY;
     int idx = INT_MAX;
     if (threadIdx.x < n_blocks) { v = argmax_block_value[threadIdx.x]; idx = argmax_block_index[threadIdx.x]; }
@@ -118,32 +134,46 @@ static void check_wdtype(int wdtype, const char* who) {
     }
 }
 
-extern "C" void matvec_gpu(float* out, const void* w, int wdtype, const float* x, const float* bias,
-                           int rows, int cols, int accumulate, cudaStream_t stream) {
-    check_wdtype(wdtype, "matvec_gpu");
-    const int blocks = (rows + MATVEC_WARPS - 1) / MATVEC_WARPS, threads = 32 * MATVEC_WARPS;
-    const bool vec = cols % 8 == 0 && aligned16(w) && aligned16(x);
-    if (wdtype == DT_F32)
-        matvec_kernel<float><<<blocks, threads, 0, stream>>>(out, (const float*)w, x, bias, rows, cols, accumulate, vec);
-    else if (wdtype == DT_BF16)
-        matvec_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(out, (const __nv_bfloat16*)w, x, bias, rows, cols, accumulate, vec);
-    else
-        matvec_kernel<__half><<<blocks, threads, 0, stream>>>(out, (const __half*)w, x, bias, rows, cols, accumulate, vec);
-    CUDA_CHECK(cudaGetLastError());
+// Dynamic shared memory for the normalised x; past 48 KB a kernel must opt in.
+template <typename Kernel>
+static size_t normed_smem(Kernel kernel, const float* norm, int cols) {
+    const size_t bytes = norm ? (size_t)cols * sizeof(float) : 0;
+    if (bytes > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    return bytes;
 }
 
-extern "C" void swiglu_matvec_gpu(float* h, const void* w_gate_up, int wdtype, const float* x,
-                                  int hidden, int dim, cudaStream_t stream) {
-    check_wdtype(wdtype, "swiglu_matvec_gpu");
+template <typename W>
+static void launch_matvec(float* out, const void* w, const float* x, const float* norm, float eps, const float* bias,
+                          int rows, int cols, int accumulate, cudaStream_t stream) {
+    const int blocks = (rows + MATVEC_WARPS - 1) / MATVEC_WARPS, threads = 32 * MATVEC_WARPS;
+    const bool vec = cols % 8 == 0 && aligned16(w) && aligned16(x);
+    launch_pdl(matvec_kernel<W>, blocks, threads, normed_smem(matvec_kernel<W>, norm, cols), stream, out,
+               (const W*)w, x, norm, eps, bias, rows, cols, accumulate, vec);
+}
+
+extern "C" void matvec_gpu(float* out, const void* w, int wdtype, const float* x, const float* norm, float eps,
+                           const float* bias, int rows, int cols, int accumulate, cudaStream_t stream) {
+    check_wdtype(wdtype, "matvec_gpu");
+    if (wdtype == DT_F32) launch_matvec<float>(out, w, x, norm, eps, bias, rows, cols, accumulate, stream);
+    else if (wdtype == DT_BF16) launch_matvec<__nv_bfloat16>(out, w, x, norm, eps, bias, rows, cols, accumulate, stream);
+    else launch_matvec<__half>(out, w, x, norm, eps, bias, rows, cols, accumulate, stream);
+}
+
+template <typename W>
+static void launch_swiglu_matvec(float* h, const void* w_gate_up, const float* x, const float* norm, float eps,
+                                 int hidden, int dim, cudaStream_t stream) {
     const int blocks = (hidden + MATVEC_WARPS - 1) / MATVEC_WARPS, threads = 32 * MATVEC_WARPS;
     const bool vec = dim % 8 == 0 && aligned16(w_gate_up) && aligned16(x);
-    if (wdtype == DT_F32)
-        swiglu_matvec_kernel<float><<<blocks, threads, 0, stream>>>(h, (const float*)w_gate_up, x, hidden, dim, vec);
-    else if (wdtype == DT_BF16)
-        swiglu_matvec_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(h, (const __nv_bfloat16*)w_gate_up, x, hidden, dim, vec);
-    else
-        swiglu_matvec_kernel<__half><<<blocks, threads, 0, stream>>>(h, (const __half*)w_gate_up, x, hidden, dim, vec);
-    CUDA_CHECK(cudaGetLastError());
+    launch_pdl(swiglu_matvec_kernel<W>, blocks, threads, normed_smem(swiglu_matvec_kernel<W>, norm, dim), stream, h,
+               (const W*)w_gate_up, x, norm, eps, hidden, dim, vec);
+}
+
+extern "C" void swiglu_matvec_gpu(float* h, const void* w_gate_up, int wdtype, const float* x, const float* norm,
+                                  float eps, int hidden, int dim, cudaStream_t stream) {
+    check_wdtype(wdtype, "swiglu_matvec_gpu");
+    if (wdtype == DT_F32) launch_swiglu_matvec<float>(h, w_gate_up, x, norm, eps, hidden, dim, stream);
+    else if (wdtype == DT_BF16) launch_swiglu_matvec<__nv_bfloat16>(h, w_gate_up, x, norm, eps, hidden, dim, stream);
+    else launch_swiglu_matvec<__half>(h, w_gate_up, x, norm, eps, hidden, dim, stream);
 }
 
 extern "C" void embed_gpu(float* x, const void* embedding, int wdtype, const int* tokens, int n, int dim,
@@ -151,20 +181,20 @@ extern "C" void embed_gpu(float* x, const void* embedding, int wdtype, const int
     check_wdtype(wdtype, "embed_gpu");
     const dim3 grid((dim + 255) / 256, n);
     if (wdtype == DT_F32)
-        embed_kernel<float><<<grid, 256, 0, stream>>>(x, (const float*)embedding, tokens, dim);
+        launch_pdl(embed_kernel<float>, grid, 256, 0, stream, x, (const float*)embedding, tokens, dim);
     else if (wdtype == DT_BF16)
-        embed_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(x, (const __nv_bfloat16*)embedding, tokens, dim);
+        launch_pdl(embed_kernel<__nv_bfloat16>, grid, 256, 0, stream, x, (const __nv_bfloat16*)embedding, tokens, dim);
     else
-        embed_kernel<__half><<<grid, 256, 0, stream>>>(x, (const __half*)embedding, tokens, dim);
+        launch_pdl(embed_kernel<__half>, grid, 256, 0, stream, x, (const __half*)embedding, tokens, dim);
     CUDA_CHECK(cudaGetLastError());
 }
 
 extern "C" void argmax_gpu(int* out, const float* logits, int n, cudaStream_t stream) {
     int blocks = (n + ARGMAX_THREADS - 1) / ARGMAX_THREADS;
     blocks = blocks < 1 ? 1 : blocks > ARGMAX_BLOCKS ? ARGMAX_BLOCKS : blocks;
-    argmax_blocks_kernel<<<blocks, ARGMAX_THREADS, 0, stream>>>(logits, n);
+    launch_pdl(argmax_blocks_kernel, blocks, ARGMAX_THREADS, 0, stream, logits, n);
     CUDA_CHECK(cudaGetLastError());
-    argmax_final_kernel<<<1, ARGMAX_THREADS, 0, stream>>>(out, blocks);
+    launch_pdl(argmax_final_kernel, 1, ARGMAX_THREADS, 0, stream, out, blocks);
     CUDA_CHECK(cudaGetLastError());
 }
 

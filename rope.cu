@@ -12,6 +12,7 @@ __global__ void qk_norm_rope_kernel(float* q, float* k, const float* v, const fl
                                     const float* k_norm, float k_scale, KV* k_cache, KV* v_cache,
                                     const int* pos, int n_heads, int n_kv_heads, int head_dim,
                                     float theta, float eps) {
+    griddep_wait();
     const int head = blockIdx.x * ROPE_WARPS + threadIdx.x / 32;
     if (head >= n_heads + n_kv_heads) return;
     qk_norm_rope_head<KV>(head, q, k, v, q_norm, k_norm, k_scale, k_cache, v_cache, *pos, n_heads,
@@ -24,11 +25,11 @@ extern "C" void qk_norm_rope_gpu(float* q, float* k, const float* v, const float
                                  int head_dim, float theta, float eps, cudaStream_t stream) {
     const int blocks = (n_heads + n_kv_heads + ROPE_WARPS - 1) / ROPE_WARPS;
     if (kv_dtype == DT_BF16) {
-        qk_norm_rope_kernel<__nv_bfloat16><<<blocks, 32 * ROPE_WARPS, 0, stream>>>(
+        launch_pdl(qk_norm_rope_kernel<__nv_bfloat16>, blocks, 32 * ROPE_WARPS, 0, stream,
             q, k, v, q_norm, k_norm, k_scale, (__nv_bfloat16*)k_cache, (__nv_bfloat16*)v_cache, pos,
             n_heads, n_kv_heads, head_dim, theta, eps);
     } else if (kv_dtype == DT_F16) {
-        qk_norm_rope_kernel<__half><<<blocks, 32 * ROPE_WARPS, 0, stream>>>(
+        launch_pdl(qk_norm_rope_kernel<__half>, blocks, 32 * ROPE_WARPS, 0, stream,
             q, k, v, q_norm, k_norm, k_scale, (__half*)k_cache, (__half*)v_cache, pos, n_heads,
             n_kv_heads, head_dim, theta, eps);
     } else {

@@ -518,22 +518,20 @@ static void enqueue_step(Model* m) {
             attention_fused_gpu(&layer, st);
         } else {  // the same, one kernel per step
             float *q = g->qkv, *k = q + q_dim(c), *v = k + kv_dim(c);
-            rmsnorm_gpu(g->xb, g->x, w.rms_att, 1, D, c->eps, st);
-            matvec_gpu(g->qkv, w.wqkv, wt, g->xb, w.bqkv, QKV, D, 0, st);
+            matvec_gpu(g->qkv, w.wqkv, wt, g->x, w.rms_att, c->eps, w.bqkv, QKV, D, 0, st);
             qk_norm_rope_gpu(q, k, v, w.q_norm, w.k_norm, w.k_scale, w.k_cache, w.v_cache, g->kv_dtype, pos,
                              c->n_heads, c->n_kv_heads, hd, c->rope_theta, c->eps, st);
             attention_gpu(g->att, q, w.k_cache, w.v_cache, g->kv_dtype, pos, c->n_heads, c->n_kv_heads, hd,
                           m->seq_len, w.k_scale / sqrtf((float)hd), g->scratch, st);
-            matvec_gpu(g->x, w.wo, wt, g->att, NULL, D, q_dim(c), 1, st);
+            matvec_gpu(g->x, w.wo, wt, g->att, NULL, 0, NULL, D, q_dim(c), 1, st);
         }
         // x += Wdown @ (silu(Wgate @ rmsnorm(x)) * (Wup @ rmsnorm(x)))
-        rmsnorm_gpu(g->xb, g->x, w.rms_ffn, 1, D, c->eps, st);
-        swiglu_matvec_gpu(g->hb, w.w_gate_up, wt, g->xb, H, D, st);
-        matvec_gpu(g->x, w.w_down, wt, g->hb, NULL, D, H, 1, st);
+        swiglu_matvec_gpu(g->hb, w.w_gate_up, wt, g->x, w.rms_ffn, c->eps, H, D, st);
+        matvec_gpu(g->x, w.w_down, wt, g->hb, NULL, 0, NULL, D, H, 1, st);
     }
     // logits = lm_head @ rmsnorm(x), and their argmax
     rmsnorm_gpu(g->xb, g->x, on_gpu(m, m->at.rms_final), 1, D, c->eps, st);
-    matvec_gpu(g->logits, on_gpu(m, m->at.lm_head), wt, g->xb, NULL, c->vocab_size, D, 0, st);
+    matvec_gpu(g->logits, on_gpu(m, m->at.lm_head), wt, g->xb, NULL, 0, NULL, c->vocab_size, D, 0, st);
     argmax_gpu(g->io + 2, g->logits, c->vocab_size, st);
     CUDA_CHECK(cudaMemcpyAsync(g->host_io + 2, g->io + 2, sizeof(int), cudaMemcpyDeviceToHost, st));
 }
@@ -604,7 +602,7 @@ static double forward_batch_gpu(Model* m, const int* ids, int n, int pos, float*
             CUDA_CHECK(cudaMemcpyAsync(all_logits + (size_t)t * V, g->blogits, (size_t)k * V * 4, cudaMemcpyDeviceToHost, st));
     }
     // the last position's logits and argmax, as a decode step leaves them
-    matvec_gpu(g->logits, lm_head, wt, g->bxb + (size_t)(n - 1) * D, NULL, V, D, 0, st);
+    matvec_gpu(g->logits, lm_head, wt, g->bxb + (size_t)(n - 1) * D, NULL, 0, NULL, V, D, 0, st);
     argmax_gpu(g->io + 2, g->logits, V, st);
     CUDA_CHECK(cudaMemcpyAsync(g->host_io + 2, g->io + 2, sizeof(int), cudaMemcpyDeviceToHost, st));
     float* nll = targets ? xmalloc(n * sizeof(float), "losses") : NULL;
@@ -936,7 +934,7 @@ static void usage(void) {
         "  -o FILE  logits: write every position's float32 logits here\n"
         "  -z FILE  tokenizer (default tokenizer.bin)\n"
         "  -v 0|1   print the prompt's token ids to stderr\n"
-        "  -a 0|1   GPU: fused attention kernel (default 1) or one kernel per step\n"
+        "  -a 0|1   GPU: one kernel per attention step (0, default: measured faster) or the fused kernel (1)\n"
         "  -e bf16|fp16  GPU: KV cache dtype (default bf16)\n"
         "  -K 0|1   use the checkpoint's per-layer K scale (default 1; 0 shows why it exists)\n");
     exit(1);
@@ -951,7 +949,7 @@ static double parse_number(const char* flag, const char* s, double lo, double hi
 }
 
 int main(int argc, char** argv) {
-    Options o = {.tokenizer = "tokenizer.bin", .mode = "generate", .thinking = 1, .fused = 1, .use_k_scale = 1};
+    Options o = {.tokenizer = "tokenizer.bin", .mode = "generate", .thinking = 1, .use_k_scale = 1};
     float temperature = -1, top_p = -1, min_p = 0;
     int top_k = 20;
     uint64_t seed = (uint64_t)time(NULL);

@@ -75,14 +75,16 @@ def main():
     kv_per_token = 28 * 2 * 8 * 128 * 2
     rows.append(("device-to-device copy", f"{bw / 1e12:.2f} TB/s", "", ""))
 
-    # decode at several contexts: a prompt of that many tokens, then 128 greedy tokens
-    for ctx in (128, 1024, 4096):
+    # decode at several contexts: a prompt of that many tokens, then 128 greedy tokens; one kernel
+    # per attention step (-a 0, the default) and the fused attention kernel (-a 1)
+    for ctx, fused in ((128, 0), (1024, 0), (4096, 0), (128, 1), (4096, 1)):
         prompt = tok.decode(ids[:ctx])
-        _, err = run(["./run", checkpoint, "-i", prompt, "-t", "0", "-n", "128", "-c", "8192"])
+        _, err = run(["./run", checkpoint, "-i", prompt, "-t", "0", "-n", "128", "-c", "8192", "-a", str(fused)])
         tps = field(r"\[decode: \d+ tokens, ([\d.]+) tok/s", err)
         floor = bw / (weight_bytes + kv_per_token * (ctx + 64))
-        rows.append((f"decode tok/s at context {ctx}", f"{tps:.0f}", f"floor {floor:.0f}", f"{tps / floor:.0%}"))
-        if ctx == 128:
+        label = f"decode tok/s at context {ctx}" + (", fused attention kernel" if fused else "")
+        rows.append((label, f"{tps:.0f}", f"floor {floor:.0f}", f"{tps / floor:.0%}"))
+        if ctx == 128 and not fused:
             load = field(r"in ([\d.]+) s:", err)
             mem = field(r"GPU memory in use: (\d+) MB", err)
     for n in (512, 2048):
