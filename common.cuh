@@ -155,15 +155,6 @@ __device__ __forceinline__ void warp_dot_rows(float sums[NROWS], const W* const 
 
 __host__ __device__ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// out (dim) = x * rsqrt(mean(x^2) + eps) * weight, by the whole block; out may be shared memory.
-__device__ __forceinline__ void rmsnorm_block(float* out, const float* x, const float* weight, int dim, float eps) {
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss = fmaf(x[i], x[i], ss);
-    const float inv_rms = rsqrtf(block_sum(ss) / dim + eps);
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) out[i] = x[i] * inv_rms * weight[i];
-    __syncthreads();
-}
-
 // ---- per-head q_norm/k_norm + RoPE + cache store ------------------------------------------------
 
 // One warp: x (head_dim) is RMS-normalised with `norm` (NULL: Qwen2, no norm), rotated by NeoX RoPE at

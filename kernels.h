@@ -28,15 +28,13 @@ void qk_norm_rope_gpu(float* q, float* k, const float* v, const float* q_norm, c
                       int n_heads, int n_kv_heads, int head_dim, float theta, float eps,
                       cudaStream_t stream);
 
-// matvec.cu: out[r] (+)= dot(w[r], rmsnorm(x)) + bias[r] for r < rows; w is (rows, cols) of
-// wdtype; norm is the RMSNorm weight (cols), or NULL to use x as it is; bias may be NULL;
-// accumulate adds into out (the residual add).
-void matvec_gpu(float* out, const void* w, int wdtype, const float* x, const float* norm, float eps,
-                const float* bias, int rows, int cols, int accumulate, cudaStream_t stream);
-// h[i] = silu(dot(w[i], rmsnorm(x))) * dot(w[hidden + i], rmsnorm(x)): the gate rows then the up
-// rows of w_gate_up; norm as for matvec_gpu
-void swiglu_matvec_gpu(float* h, const void* w_gate_up, int wdtype, const float* x, const float* norm,
-                       float eps, int hidden, int dim, cudaStream_t stream);
+// matvec.cu: out[r] (+)= dot(w[r], x) + bias[r] for r < rows; w is (rows, cols) of wdtype;
+// bias may be NULL; accumulate adds into out (the residual add).
+void matvec_gpu(float* out, const void* w, int wdtype, const float* x, const float* bias,
+                int rows, int cols, int accumulate, cudaStream_t stream);
+// h[i] = silu(dot(w[i], x)) * dot(w[hidden + i], x): the gate rows then the up rows of w_gate_up
+void swiglu_matvec_gpu(float* h, const void* w_gate_up, int wdtype, const float* x,
+                       int hidden, int dim, cudaStream_t stream);
 // x (n, dim) = embedding rows tokens[0..n)
 void embed_gpu(float* x, const void* embedding, int wdtype, const int* tokens, int n, int dim,
                cudaStream_t stream);

@@ -7,21 +7,11 @@
 
 constexpr int MATVEC_WARPS = 8;  // rows per block; 151936 LM-head rows -> 18992 blocks on 132 SMs
 
-// With norm (not NULL), the block first RMS-normalises x into shared memory: the RMSNorm before
-// a projection costs no kernel of its own (x is a few KB, read from L2 by every block).
-__device__ __forceinline__ const float* normed_input(const float* x, const float* norm, int cols, float eps) {
-    if (!norm) return x;
-    extern __shared__ float4 normed_x[];  // (cols) floats
-    rmsnorm_block(reinterpret_cast<float*>(normed_x), x, norm, cols, eps);
-    return reinterpret_cast<const float*>(normed_x);
-}
-
-// out (rows) (+)= w (rows, cols) . rmsnorm(x) (cols) + bias (rows, or NULL)
+// out (rows) (+)= w (rows, cols) . x (cols) + bias (rows, or NULL)
 template <typename W>
-__global__ void matvec_kernel(float* out, const W* w, const float* x, const float* norm, float eps,
-                              const float* bias, int rows, int cols, int accumulate, bool vec) {
+__global__ void matvec_kernel(float* out, const W* w, const float* x, const float* bias, int rows, int cols,
+                              int accumulate, bool vec) {
     griddep_wait();
-    x = normed_input(x, norm, cols, eps);
     const int row = blockIdx.x * MATVEC_WARPS + threadIdx.x / 32;
     if (row >= rows) return;
     const W* row_ptr[1] = {w + (size_t)row * cols};
@@ -33,13 +23,11 @@ __global__ void matvec_kernel(float* out, const W* w, const float* x, const floa
     }
 }
 
-// h (hidden) = silu(gate . rmsnorm(x)) * (up . rmsnorm(x)); w_gate_up (2*hidden, dim): gate rows,
-// then up rows. One warp reads its gate row and its up row together.
+// h (hidden) = silu(gate . x) * (up . x); w_gate_up (2*hidden, dim): gate rows, then up rows.
+// One warp reads its gate row and its up row together.
 template <typename W>
-__global__ void swiglu_matvec_kernel(float* h, const W* w_gate_up, const float* x, const float* norm, float eps,
-                                     int hidden, int dim, bool vec) {
+__global__ void swiglu_matvec_kernel(float* h, const W* w_gate_up, const float* x, int hidden, int dim, bool vec) {
     griddep_wait();
-    x = normed_input(x, norm, dim, eps);
     const int i = blockIdx.x * MATVEC_WARPS + threadIdx.x / 32;
     if (i >= hidden) return;
     const W* row_ptr[2] = {w_gate_up + (size_t)i * dim, w_gate_up + ((size_t)hidden + i) * dim};
@@ -134,46 +122,36 @@ static void check_wdtype(int wdtype, const char* who) {
     }
 }
 
-// Dynamic shared memory for the normalised x; past 48 KB a kernel must opt in.
-template <typename Kernel>
-static size_t normed_smem(Kernel kernel, const float* norm, int cols) {
-    const size_t bytes = norm ? (size_t)cols * sizeof(float) : 0;
-    if (bytes > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-    return bytes;
-}
-
 template <typename W>
-static void launch_matvec(float* out, const void* w, const float* x, const float* norm, float eps, const float* bias,
-                          int rows, int cols, int accumulate, cudaStream_t stream) {
+static void launch_matvec(float* out, const void* w, const float* x, const float* bias, int rows, int cols,
+                          int accumulate, cudaStream_t stream) {
     const int blocks = (rows + MATVEC_WARPS - 1) / MATVEC_WARPS, threads = 32 * MATVEC_WARPS;
     const bool vec = cols % 8 == 0 && aligned16(w) && aligned16(x);
-    launch_pdl(matvec_kernel<W>, blocks, threads, normed_smem(matvec_kernel<W>, norm, cols), stream, out,
-               (const W*)w, x, norm, eps, bias, rows, cols, accumulate, vec);
+    launch_pdl(matvec_kernel<W>, blocks, threads, 0, stream, out, (const W*)w, x, bias, rows, cols, accumulate, vec);
 }
 
-extern "C" void matvec_gpu(float* out, const void* w, int wdtype, const float* x, const float* norm, float eps,
-                           const float* bias, int rows, int cols, int accumulate, cudaStream_t stream) {
+extern "C" void matvec_gpu(float* out, const void* w, int wdtype, const float* x, const float* bias,
+                           int rows, int cols, int accumulate, cudaStream_t stream) {
     check_wdtype(wdtype, "matvec_gpu");
-    if (wdtype == DT_F32) launch_matvec<float>(out, w, x, norm, eps, bias, rows, cols, accumulate, stream);
-    else if (wdtype == DT_BF16) launch_matvec<__nv_bfloat16>(out, w, x, norm, eps, bias, rows, cols, accumulate, stream);
-    else launch_matvec<__half>(out, w, x, norm, eps, bias, rows, cols, accumulate, stream);
+    if (wdtype == DT_F32) launch_matvec<float>(out, w, x, bias, rows, cols, accumulate, stream);
+    else if (wdtype == DT_BF16) launch_matvec<__nv_bfloat16>(out, w, x, bias, rows, cols, accumulate, stream);
+    else launch_matvec<__half>(out, w, x, bias, rows, cols, accumulate, stream);
 }
 
 template <typename W>
-static void launch_swiglu_matvec(float* h, const void* w_gate_up, const float* x, const float* norm, float eps,
-                                 int hidden, int dim, cudaStream_t stream) {
+static void launch_swiglu_matvec(float* h, const void* w_gate_up, const float* x, int hidden, int dim,
+                                 cudaStream_t stream) {
     const int blocks = (hidden + MATVEC_WARPS - 1) / MATVEC_WARPS, threads = 32 * MATVEC_WARPS;
     const bool vec = dim % 8 == 0 && aligned16(w_gate_up) && aligned16(x);
-    launch_pdl(swiglu_matvec_kernel<W>, blocks, threads, normed_smem(swiglu_matvec_kernel<W>, norm, dim), stream, h,
-               (const W*)w_gate_up, x, norm, eps, hidden, dim, vec);
+    launch_pdl(swiglu_matvec_kernel<W>, blocks, threads, 0, stream, h, (const W*)w_gate_up, x, hidden, dim, vec);
 }
 
-extern "C" void swiglu_matvec_gpu(float* h, const void* w_gate_up, int wdtype, const float* x, const float* norm,
-                                  float eps, int hidden, int dim, cudaStream_t stream) {
+extern "C" void swiglu_matvec_gpu(float* h, const void* w_gate_up, int wdtype, const float* x, int hidden, int dim,
+                                  cudaStream_t stream) {
     check_wdtype(wdtype, "swiglu_matvec_gpu");
-    if (wdtype == DT_F32) launch_swiglu_matvec<float>(h, w_gate_up, x, norm, eps, hidden, dim, stream);
-    else if (wdtype == DT_BF16) launch_swiglu_matvec<__nv_bfloat16>(h, w_gate_up, x, norm, eps, hidden, dim, stream);
-    else launch_swiglu_matvec<__half>(h, w_gate_up, x, norm, eps, hidden, dim, stream);
+    if (wdtype == DT_F32) launch_swiglu_matvec<float>(h, w_gate_up, x, hidden, dim, stream);
+    else if (wdtype == DT_BF16) launch_swiglu_matvec<__nv_bfloat16>(h, w_gate_up, x, hidden, dim, stream);
+    else launch_swiglu_matvec<__half>(h, w_gate_up, x, hidden, dim, stream);
 }
 
 extern "C" void embed_gpu(float* x, const void* embedding, int wdtype, const int* tokens, int n, int dim,

@@ -4,7 +4,12 @@
 // One block per row: x, out (n, dim); weight (dim).
 __global__ void rmsnorm_kernel(float* out, const float* x, const float* weight, int dim, float eps) {
     griddep_wait();
-    rmsnorm_block(out + (size_t)blockIdx.x * dim, x + (size_t)blockIdx.x * dim, weight, dim, eps);
+    const float* xr = x + (size_t)blockIdx.x * dim;
+    float* outr = out + (size_t)blockIdx.x * dim;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+    const float inv_rms = rsqrtf(block_sum(ss) / dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) outr[i] = xr[i] * inv_rms * weight[i];
 }
 
 extern "C" void rmsnorm_gpu(float* out, const float* x, const float* weight, int n, int dim, float eps,

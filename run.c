@@ -518,20 +518,22 @@ static void enqueue_step(Model* m) {
             attention_fused_gpu(&layer, st);
         } else {  // the same, one kernel per step
             float *q = g->qkv, *k = q + q_dim(c), *v = k + kv_dim(c);
-            matvec_gpu(g->qkv, w.wqkv, wt, g->x, w.rms_att, c->eps, w.bqkv, QKV, D, 0, st);
+            rmsnorm_gpu(g->xb, g->x, w.rms_att, 1, D, c->eps, st);
+            matvec_gpu(g->qkv, w.wqkv, wt, g->xb, w.bqkv, QKV, D, 0, st);
             qk_norm_rope_gpu(q, k, v, w.q_norm, w.k_norm, w.k_scale, w.k_cache, w.v_cache, g->kv_dtype, pos,
                              c->n_heads, c->n_kv_heads, hd, c->rope_theta, c->eps, st);
             attention_gpu(g->att, q, w.k_cache, w.v_cache, g->kv_dtype, pos, c->n_heads, c->n_kv_heads, hd,
                           m->seq_len, w.k_scale / sqrtf((float)hd), g->scratch, st);
-            matvec_gpu(g->x, w.wo, wt, g->att, NULL, 0, NULL, D, q_dim(c), 1, st);
+            matvec_gpu(g->x, w.wo, wt, g->att, NULL, D, q_dim(c), 1, st);
         }
         // x += Wdown @ (silu(Wgate @ rmsnorm(x)) * (Wup @ rmsnorm(x)))
-        swiglu_matvec_gpu(g->hb, w.w_gate_up, wt, g->x, w.rms_ffn, c->eps, H, D, st);
-        matvec_gpu(g->x, w.w_down, wt, g->hb, NULL, 0, NULL, D, H, 1, st);
+        rmsnorm_gpu(g->xb, g->x, w.rms_ffn, 1, D, c->eps, st);
+        swiglu_matvec_gpu(g->hb, w.w_gate_up, wt, g->xb, H, D, st);
+        matvec_gpu(g->x, w.w_down, wt, g->hb, NULL, D, H, 1, st);
     }
     // logits = lm_head @ rmsnorm(x), and their argmax
     rmsnorm_gpu(g->xb, g->x, on_gpu(m, m->at.rms_final), 1, D, c->eps, st);
-    matvec_gpu(g->logits, on_gpu(m, m->at.lm_head), wt, g->xb, NULL, 0, NULL, c->vocab_size, D, 0, st);
+    matvec_gpu(g->logits, on_gpu(m, m->at.lm_head), wt, g->xb, NULL, c->vocab_size, D, 0, st);
     argmax_gpu(g->io + 2, g->logits, c->vocab_size, st);
     CUDA_CHECK(cudaMemcpyAsync(g->host_io + 2, g->io + 2, sizeof(int), cudaMemcpyDeviceToHost, st));
 }
@@ -602,7 +604,7 @@ static double forward_batch_gpu(Model* m, const int* ids, int n, int pos, float*
             CUDA_CHECK(cudaMemcpyAsync(all_logits + (size_t)t * V, g->blogits, (size_t)k * V * 4, cudaMemcpyDeviceToHost, st));
     }
     // the last position's logits and argmax, as a decode step leaves them
-    matvec_gpu(g->logits, lm_head, wt, g->bxb + (size_t)(n - 1) * D, NULL, 0, NULL, V, D, 0, st);
+    matvec_gpu(g->logits, lm_head, wt, g->bxb + (size_t)(n - 1) * D, NULL, V, D, 0, st);
     argmax_gpu(g->io + 2, g->logits, V, st);
     CUDA_CHECK(cudaMemcpyAsync(g->host_io + 2, g->io + 2, sizeof(int), cudaMemcpyDeviceToHost, st));
     float* nll = targets ? xmalloc(n * sizeof(float), "losses") : NULL;
