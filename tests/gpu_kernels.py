@@ -175,6 +175,7 @@ def test_swiglu():
         lib.swiglu_matvec_gpu(ptr(out), ptr(w), DT[dtype], ptr(x), hidden, dim, stream())
         record(f"swiglu hidden={hidden} dim={dim}", NAME[dtype], out, ref, TOL_F32)
 
+
 def test_embed_argmax():
     for vocab, dim, dtype in [(151936, 1024, torch.bfloat16), (512, 16, torch.float32), (512, 64, torch.float16)]:
         emb = randn(vocab, dim, dtype=dtype)
