@@ -105,16 +105,19 @@ def main():
     model = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
     prompt = torch.tensor([ids[:128]]).cuda()
 
-    def timed(fn):
+    def timed(fn, reps=5):  # median seconds after a warm-up
         fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
+        times = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[reps // 2]
 
     gen = lambda n: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    hf_decode = 128 / (timed(lambda: gen(129)) - timed(lambda: gen(1)))
+    hf_decode = 128 / (timed(lambda: gen(129), 3) - timed(lambda: gen(1), 3))
     hf_prefill = 2048 / timed(lambda: model(torch.tensor([ids[:2048]]).cuda()))
     rows.append(("HF generate decode tok/s at context 128 (bf16, sdpa)", f"{hf_decode:.0f}", "", ""))
     rows.append(("HF prefill tok/s, 2048 tokens (bf16, sdpa)", f"{hf_prefill:.0f}", "", ""))
