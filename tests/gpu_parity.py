@@ -86,10 +86,11 @@ def ours(model, ids, kv, fused, extra=(), context=1024):
     return np.fromfile(out_path, dtype=np.float32).reshape(len(ids), -1)
 
 
-def greedy_ours(model, prompt, kv, fused):
+def greedy_ours(model, prompt, kv, fused, context=1024):
     ids_path = os.path.join(work, "prompt.txt")
     open(ids_path, "w").write(" ".join(map(str, prompt)))
-    out = sh(["./run", model, "-m", "logits", "-f", ids_path, "-n", str(N_GREEDY), "-c", "1024", "-e", kv, "-a", str(fused)])
+    out = sh(["./run", model, "-m", "logits", "-f", ids_path, "-n", str(N_GREEDY), "-c", str(context), "-e", kv,
+              "-a", str(fused)])
     return [int(t) for t in out.split()]
 
 
@@ -128,13 +129,15 @@ def yardstick(hf16, wdtype, kv):
 
 
 def fixtures():
-    """./run on the committed tiny fixtures: against HF's logits and against ./runcpu."""
+    """./run on the committed tiny fixtures: logits against HF's and ./runcpu's, greedy tokens
+    against HF's."""
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
     for name in sorted(os.listdir(root)):
         if not os.path.exists(os.path.join(root, name, "ref_logits.npy")):
             continue
         ref = np.load(os.path.join(root, name, "ref_logits.npy"))
-        ids = json.load(open(os.path.join(root, name, "ref.json")))["ids"]
+        meta = json.load(open(os.path.join(root, name, "ref.json")))
+        ids = meta["ids"]
         checkpoint = os.path.join(work, name + ".bin")
         sh([sys.executable, "export.py", os.path.join(root, name), checkpoint])
         ids_path = os.path.join(work, "ids.txt")
@@ -149,10 +152,14 @@ def fixtures():
             got = ours(checkpoint, ids, kv, fused, context=512)
             ok, rel, agree, clear = check(name, got, ref, TOL[kv], yardstick(hf16, wdtype, kv))
             ok_cpu, rel_cpu, _, _ = check(name, got, cpu, TOL[kv], yardstick(hf16, wdtype, kv))
-            ok = ok and ok_cpu
+            # greedy tokens equal to HF's up to the first step whose HF gap is under the noise
+            g = greedy_ours(checkpoint, meta["greedy_prompt"], kv, fused, context=512)
+            noise = 6 * TOL[kv] * np.sqrt((ref ** 2).mean())
+            upto = min(next((i for i, gap in enumerate(meta["greedy_margins"]) if gap < noise), N_GREEDY) + 1, N_GREEDY)
+            ok = ok and ok_cpu and g[:upto] == meta["greedy"][:upto]
             rows.append((name, f"own w, {kv} KV, {'fused' if fused else 'unfused'}",
-                         f"{rel.max():.2e} / {np.median(rel):.1e} (HF 16-bit {yardstick(hf16, wdtype, kv):.1e})", f"{agree.mean():.1%} (vs runcpu {rel_cpu.max():.1e})",
-                         "-", "ok" if ok else "FAIL"))
+                         f"{rel.max():.2e} / {np.median(rel):.1e} (HF 16-bit {yardstick(hf16, wdtype, kv):.1e})",
+                         f"{agree.mean():.1%} (vs runcpu {rel_cpu.max():.1e})", f"{upto}/{N_GREEDY}", "ok" if ok else "FAIL"))
             if not ok:
                 failures.append((name, kv, fused))
 
