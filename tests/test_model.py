@@ -15,6 +15,9 @@ import numpy as np
 
 from harness import FIXTURES, ROOT, RUNCPU, TMP, assert_one_error_line, export, logits_of, reference, run, write_ids
 
+sys.path.insert(0, ROOT)
+from export import bf16_to_f32, f32_to_bf16  # noqa: E402
+
 SMALL = ["qwen3_gqa2_bf16", "qwen3_mha_untied_fp32_sharded", "qwen3_gqa4_bf16", "qwen2_gqa7_bias_fp32"]
 REL_TOL, TIE_GAP = 1e-4, 1e-3
 
@@ -76,10 +79,8 @@ def patched_fixture(name, key, factor):
     (n,) = struct.unpack_from("<Q", blob)
     info = json.loads(blob[8:8 + n])[key]
     start, end = (8 + n + o for o in info["data_offsets"])
-    u = np.frombuffer(bytes(blob[start:end]), dtype=np.uint16)
-    x = (u.astype(np.uint32) << 16).view(np.float32) * factor
-    b = x.view(np.uint32)
-    blob[start:end] = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
+    x = bf16_to_f32(np.frombuffer(bytes(blob[start:end]), dtype=np.uint16)) * factor
+    blob[start:end] = f32_to_bf16(x).tobytes()
     open(path, "wb").write(blob)
     return dst
 
