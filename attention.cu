@@ -1,5 +1,6 @@
-// attention.cu: decode attention of one query token over the KV cache (flash-decoding), and the
-// whole attention half of a layer fused into one cooperative kernel.
+// attention.cu: decode attention of one query token over the KV cache (flash-decoding), the
+// whole attention half of a layer fused into one cooperative kernel, and causal flash attention
+// for a batch of prefill tokens.
 //
 // Unfused, attention_gpu: two kernels.
 //   1. attention_chunk_kernel, grid (n_chunks, n_kv_heads * n_subgroups). Cache rows 0..*pos are cut
@@ -20,6 +21,9 @@
 //   4. one block per query head: step 2 of the unfused path, into att
 //   5. warps compute rows of x += wo . att (the residual add)
 // Both paths call the same device functions, so they compute the same function.
+// Prefill, attention_prefill_gpu: T queries at positions pos0.. against cache rows 0..pos0+t, on
+// the tensor cores (mma.sync) for head_dim 64 and 128, tiles of 64 queries x 64 keys in shared
+// memory, online softmax in fp32; other head_dims on a plain one-warp-per-query kernel.
 #include <cooperative_groups.h>
 #include "common.cuh"
 #include "tensor_core.cuh"
