@@ -670,6 +670,13 @@ typedef struct {
     Candidate* candidates;  // (vocab_size)
 } Sampler;
 
+static uint64_t splitmix64(uint64_t x) {  // spreads a seed over 64 bits: seeds 1, 2, 3 start far apart
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
 static float random_f32(uint64_t* state) {  // xorshift64*, in [0, 1)
     *state ^= *state >> 12;
     *state ^= *state << 25;
@@ -775,7 +782,7 @@ static void print_ids(const char* label, const int* ids, long n) {
 
 // Samples up to `steps` tokens after `logits` (the prediction for position pos), streaming them;
 // stops at a stop token, which is returned in *stop and not fed. Returns the next free position.
-static int reply(Model* m, const Tokenizer* t, Sampler* s, float* logits, int pos, int steps, int* stop) {
+static int reply(Model* m, const Tokenizer* t, Sampler* s, float* logits, int pos, int steps, int verbose, int* stop) {
     Utf8Stream out = {0};
     double start = 0;
     int generated = 0;
@@ -783,12 +790,14 @@ static int reply(Model* m, const Tokenizer* t, Sampler* s, float* logits, int po
     while (generated < steps && pos < m->seq_len) {
         int next = s->temperature == 0 ? m->next_greedy : sample(s, logits, m->config.vocab_size);
         if (is_stop(t, next)) { *stop = next; break; }
+        if (verbose) fprintf(stderr, generated ? " %d" : "generated ids: %d", next);
         print_token(t, &out, next);
         generated++;
         logits = forward(m, next, pos++);
         if (generated == 1) start = now_s();  // steady state: after the first step's one-time setup
     }
     utf8_stream_flush(&out, stdout);
+    if (verbose && generated) fputc('\n', stderr);
     double dt = now_s() - start;
     if (generated > 1) fprintf(stderr, "\n[decode: %d tokens, %.1f tok/s]\n", generated, (generated - 1) / dt);
     return pos;
@@ -805,7 +814,7 @@ static void generate(Model* m, const Tokenizer* t, Sampler* s, const Options* o)
     double dt = now_s() - start;
     fprintf(stderr, "[prefill: %ld tokens, %.1f tok/s, %.2f ms]\n", n, n / (dt > 0 ? dt : 1e-9), dt * 1e3);
     int steps = o->steps ? o->steps : m->seq_len, stop;
-    reply(m, t, s, m->s.logits, (int)n, steps, &stop);
+    reply(m, t, s, m->s.logits, (int)n, steps, o->verbose, &stop);
     free(ids);
 }
 
@@ -834,7 +843,7 @@ static void chat(Model* m, const Tokenizer* t, Sampler* s, const Options* o) {
         if (o->verbose) print_ids("prompt ids", ids, n);
         feed(m, ids, n, pos, NULL, NULL);
         int stop;
-        pos = reply(m, t, s, m->s.logits, pos + (int)n, steps, &stop);
+        pos = reply(m, t, s, m->s.logits, pos + (int)n, steps, o->verbose, &stop);
         free(ids);
         free(text);
         if (pos >= m->seq_len) { fprintf(stderr, "[the context is full]\n"); break; }
@@ -935,7 +944,7 @@ static void usage(void) {
         "  -f FILE  input file (ppl, tokenize: text; logits: token ids)\n"
         "  -o FILE  logits: write every position's float32 logits here\n"
         "  -z FILE  tokenizer (default tokenizer.bin)\n"
-        "  -v 0|1   print the prompt's token ids to stderr\n"
+        "  -v 0|1   print the prompt's and the generated token ids to stderr\n"
         "  -a 0|1   GPU: one kernel per attention step (0, default: measured faster) or the fused kernel (1)\n"
         "  -e bf16|fp16  GPU: KV cache dtype (default bf16)\n"
         "  -K 0|1   use the checkpoint's per-layer K scale (default 1; 0 shows why it exists)\n");
@@ -1017,7 +1026,7 @@ int main(int argc, char** argv) {
     fprintf(stderr, "[loaded %s in %.2f s: %d layers, dim %d, %d:%d heads, context %d]\n", o.checkpoint,
             now_s() - start, m.config.n_layers, m.config.dim, m.config.n_heads, m.config.n_kv_heads, m.seq_len);
 
-    Sampler sampler = {temperature, top_p, min_p, top_k, seed ? seed : 1, NULL};
+    Sampler sampler = {temperature, top_p, min_p, top_k, splitmix64(seed) | 1, NULL};  // xorshift needs a nonzero state
     sampler.candidates = xmalloc((size_t)m.config.vocab_size * sizeof(Candidate), "the sampler");
     switch (mode) {
         case 0: generate(&m, &tokenizer, &sampler, &o); break;
