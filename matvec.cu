@@ -1,6 +1,7 @@
 // matvec.cu: weight-streaming matrix-vector products (one warp per output row), the embedding
-// lookup, and the reductions over logits (argmax, cross entropy). Decoding one token is bound by reading the weights once, so every kernel
-// here is written around 16-byte coalesced weight loads with several in flight per lane.
+// lookup, and the reductions over logits (argmax, cross entropy). Decoding one token is bound by
+// reading the weights once, so every matvec here is written around 16-byte coalesced weight loads
+// with several in flight per lane.
 #include <float.h>
 #include <limits.h>
 #include "common.cuh"

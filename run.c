@@ -402,6 +402,7 @@ struct Gpu {
     void* key_cache;      // (n_layers, seq_len, kv_dim), kv_dtype
     void* value_cache;    // (n_layers, seq_len, kv_dim), kv_dtype
     int kv_dtype, fused;
+    int chunk;            // tokens per prefill pass: min(seq_len, PREFILL_CHUNK)
     cudaStream_t stream;
     // decode, one token
     float* x;             // (dim)
@@ -437,7 +438,7 @@ static void init_gpu(Model* m, int kv_dtype, int fused) {
     Config* c = &m->config;
     struct Gpu* g = m->gpu = xmalloc(sizeof(struct Gpu), "GPU state");
     size_t cache = (size_t)c->n_layers * m->seq_len * kv_dim(c) * 2, D = c->dim, H = c->hidden_dim;
-    size_t chunk = m->seq_len < PREFILL_CHUNK ? m->seq_len : PREFILL_CHUNK;
+    size_t chunk = g->chunk = m->seq_len < PREFILL_CHUNK ? m->seq_len : PREFILL_CHUNK;
     g->kv_dtype = kv_dtype;
     g->fused = fused;
     CUDA_CHECK(cudaStreamCreate(&g->stream));
@@ -566,7 +567,7 @@ static float* forward_gpu(Model* m, int token, int pos) {
 }
 
 // Prefill: n <= PREFILL_CHUNK tokens at positions pos.. in one pass, every product a matrix product
-// on the tensor cores (prefill.h). The last position's logits go where forward_gpu puts them; with
+// on the tensor cores (kernels.h). The last position's logits go where forward_gpu puts them; with
 // all_logits (host, (n, vocab)) every position's logits are copied there; with targets (n), returns
 // the sum over positions t of -log p(targets[t]).
 static double forward_batch_gpu(Model* m, const int* ids, int n, int pos, float* all_logits, const int* targets) {
@@ -574,7 +575,7 @@ static double forward_batch_gpu(Model* m, const int* ids, int n, int pos, float*
     struct Gpu* g = m->gpu;
     cudaStream_t st = g->stream;
     int D = c->dim, H = c->hidden_dim, hd = c->head_dim, QKV = qkv_dim(c), V = c->vocab_size, wt = c->wdtype;
-    int chunk = m->seq_len < PREFILL_CHUNK ? m->seq_len : PREFILL_CHUNK;
+    int chunk = g->chunk;
     const void* lm_head = on_gpu(m, m->at.lm_head);
     CUDA_CHECK(cudaMemcpyAsync(g->bids, ids, n * sizeof(int), cudaMemcpyHostToDevice, st));
     if (targets) CUDA_CHECK(cudaMemcpyAsync(g->bids + chunk, targets, n * sizeof(int), cudaMemcpyHostToDevice, st));
@@ -639,8 +640,8 @@ static double feed(Model* m, const int* ids, long n, int pos, float* all_logits,
     size_t V = m->config.vocab_size;
     double nll = 0;
 #ifdef USE_CUDA
-    for (long i = 0; i < n; i += PREFILL_CHUNK) {
-        int k = n - i < PREFILL_CHUNK ? (int)(n - i) : PREFILL_CHUNK;
+    for (long i = 0, chunk = m->gpu->chunk; i < n; i += chunk) {
+        int k = (int)(n - i < chunk ? n - i : chunk);
         nll += forward_batch_gpu(m, ids + i, k, pos + (int)i, all_logits ? all_logits + i * V : NULL, targets ? targets + i : NULL);
     }
 #else
@@ -780,20 +781,19 @@ static void print_ids(const char* label, const int* ids, long n) {
     fputc('\n', stderr);
 }
 
-// Samples up to `steps` tokens after `logits` (the prediction for position pos), streaming them;
-// stops at a stop token, which is returned in *stop and not fed. Returns the next free position.
-static int reply(Model* m, const Tokenizer* t, Sampler* s, float* logits, int pos, int steps, int verbose, int* stop) {
+// Samples up to `steps` tokens after the last logits (the prediction for position pos), streaming
+// them; stops before a stop token, which is not fed. Returns the next free position.
+static int reply(Model* m, const Tokenizer* t, Sampler* s, int pos, int steps, int verbose) {
     Utf8Stream out = {0};
     double start = 0;
     int generated = 0;
-    *stop = -1;
     while (generated < steps && pos < m->seq_len) {
-        int next = s->temperature == 0 ? m->next_greedy : sample(s, logits, m->config.vocab_size);
-        if (is_stop(t, next)) { *stop = next; break; }
+        int next = s->temperature == 0 ? m->next_greedy : sample(s, m->s.logits, m->config.vocab_size);
+        if (is_stop(t, next)) break;
         if (verbose) fprintf(stderr, generated ? " %d" : "generated ids: %d", next);
         print_token(t, &out, next);
         generated++;
-        logits = forward(m, next, pos++);
+        forward(m, next, pos++);
         if (generated == 1) start = now_s();  // steady state: after the first step's one-time setup
     }
     utf8_stream_flush(&out, stdout);
@@ -813,8 +813,7 @@ static void generate(Model* m, const Tokenizer* t, Sampler* s, const Options* o)
     feed(m, ids, n, 0, NULL, NULL);
     double dt = now_s() - start;
     fprintf(stderr, "[prefill: %ld tokens, %.1f tok/s, %.2f ms]\n", n, n / (dt > 0 ? dt : 1e-9), dt * 1e3);
-    int steps = o->steps ? o->steps : m->seq_len, stop;
-    reply(m, t, s, m->s.logits, (int)n, steps, o->verbose, &stop);
+    reply(m, t, s, (int)n, o->steps ? o->steps : m->seq_len, o->verbose);
     free(ids);
 }
 
@@ -842,8 +841,7 @@ static void chat(Model* m, const Tokenizer* t, Sampler* s, const Options* o) {
         if (pos + n >= m->seq_len) die("the conversation needs %ld tokens; the context holds %d (raise -c)", pos + n, m->seq_len);
         if (o->verbose) print_ids("prompt ids", ids, n);
         feed(m, ids, n, pos, NULL, NULL);
-        int stop;
-        pos = reply(m, t, s, m->s.logits, pos + (int)n, steps, o->verbose, &stop);
+        pos = reply(m, t, s, pos + (int)n, steps, o->verbose);
         free(ids);
         free(text);
         if (pos >= m->seq_len) { fprintf(stderr, "[the context is full]\n"); break; }

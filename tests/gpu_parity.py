@@ -23,7 +23,6 @@ exceeds 6 x the allowed error x rms(logits); greedy continuations must agree up 
 whose HF gap is under 6 x base x rms(logits). Prints one table; exits non-zero on any failure.
 """
 import json
-import math
 import os
 import subprocess
 import sys

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from harness import FIXTURES, ROOT, RUNCPU, SHARED, TMP, assert_one_error_line, export, logits_of, reference, run
+from harness import FIXTURES, RUNCPU, SHARED, TMP, assert_one_error_line, export, logits_of, reference, run
 
 NAME = "qwen3_fullvocab_bf16"
 
