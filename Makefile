@@ -21,9 +21,10 @@ build/%.o: %.cu kernels.h common.cuh tensor_core.cuh
 	@mkdir -p build
 	$(NVCC) $(NVFLAGS) -Xcompiler -fPIC -c $< -o $@
 
+# nvcc compiles run.c as C with the host compiler and knows where the CUDA headers are
 build/run.o: run.c tokenizer.h kernels.h
 	@mkdir -p build
-	$(CC) $(CFLAGS) -DUSE_CUDA -I$(dir $(NVCC))../include -c run.c -o $@
+	$(NVCC) -O2 -Xcompiler -Wall,-Wextra,-std=gnu11 -DUSE_CUDA -c run.c -o $@
 
 run: build/run.o $(KERNEL_OBJS)
 	$(NVCC) $(NVFLAGS) -o $@ $^ -lm
