@@ -3,6 +3,7 @@
 # compute-sanitizer, benchmark. Run from the repo root on the GPU machine with .gpu/ holding
 # tokenizer.json, tokenizer_config.json and tinyshakespeare.txt (copied from ../shared):
 #     bash tests/gpu.sh [kernels] [prefill] [parity] [sanitizer] [bench]     (default: all)
+# `ab` times decode of ./run against .gpu/run-base, another build (e.g. of main) carried along.
 # Logs go to $OUT (or /tmp/gpu-out); the tables are printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
@@ -38,6 +39,7 @@ for s in $steps; do
                 ./run "$WORK/tiny.bin" -m logits -f "$WORK/ids.txt" -n 4 -a $fused
         done ;;
     bench) step bench python3 tests/gpu_bench.py "$WORK" .gpu/tinyshakespeare.txt .gpu ;;
+    ab) step bench python3 tests/gpu_bench.py "$WORK" .gpu/tinyshakespeare.txt .gpu --against .gpu/run-base ;;
     esac
 done
 cp "$WORK"/*.json "$OUT"/ 2>/dev/null

@@ -1,7 +1,7 @@
 """Speed of ./run against the memory-bandwidth floor and against Hugging Face, in one run.
 
 Runs on the GPU machine from the repo root after `make run`:
-    python3 tests/gpu_bench.py WORKDIR TEXT_FILE TOKENIZER_DIR
+    python3 tests/gpu_bench.py WORKDIR TEXT_FILE TOKENIZER_DIR [--against OTHER_BUILD]
 Uses WORKDIR/qwen3-0.6b (the seeded random Qwen3-0.6B-config model that gpu_parity.py saves)
 and its bf16 export, building them if absent. Prints one table last; writes WORKDIR/bench.json.
 
@@ -19,6 +19,8 @@ import torch
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 work, text_file, tok_dir = sys.argv[1:4]
+# --against BIN: only decode, ./run against another build (BIN), alternating, in this one run
+against = sys.argv[sys.argv.index("--against") + 1] if "--against" in sys.argv else None
 torch.set_grad_enabled(False)
 rows = []
 
@@ -70,17 +72,32 @@ def main():
     tok = AutoTokenizer.from_pretrained(tok_dir)
     text = open(text_file, encoding="utf-8").read()
     ids = tok.encode(text[:400000])
-    hdr = open(checkpoint, "rb").read(64)
     weight_bytes = os.path.getsize(checkpoint) - 256
     kv_per_token = 28 * 2 * 8 * 128 * 2
     rows.append(("device-to-device copy", f"{bw / 1e12:.2f} TB/s", "", ""))
 
+    def decode_tps(binary, ctx, fused=0):
+        _, err = run([binary, checkpoint, "-i", tok.decode(ids[:ctx]), "-t", "0", "-n", "128", "-c", "8192",
+                      "-a", str(fused)])
+        return field(r"\[decode: \d+ tokens, ([\d.]+) tok/s", err), err
+
+    if against:  # A/B: three alternating runs each, medians
+        for ctx in (128, 1024, 4096):
+            floor = bw / (weight_bytes + kv_per_token * (ctx + 64))
+            times = {b: [] for b in ("./run", against)}
+            for _ in range(3):
+                for b in times:
+                    times[b].append(decode_tps(b, ctx)[0])
+            for b, t in times.items():
+                tps = sorted(t)[1]
+                rows.append((f"decode tok/s at context {ctx}, {b}", f"{tps:.0f} ({', '.join(f'{x:.0f}' for x in t)})",
+                             f"floor {floor:.0f}", f"{tps / floor:.0%}"))
+        return print_table(gpu)
+
     # decode at several contexts: a prompt of that many tokens, then 128 greedy tokens; one kernel
     # per attention step (-a 0, the default) and the fused attention kernel (-a 1)
     for ctx, fused in ((128, 0), (1024, 0), (4096, 0), (128, 1), (4096, 1)):
-        prompt = tok.decode(ids[:ctx])
-        _, err = run(["./run", checkpoint, "-i", prompt, "-t", "0", "-n", "128", "-c", "8192", "-a", str(fused)])
-        tps = field(r"\[decode: \d+ tokens, ([\d.]+) tok/s", err)
+        tps, err = decode_tps("./run", ctx, fused)
         floor = bw / (weight_bytes + kv_per_token * (ctx + 64))
         label = f"decode tok/s at context {ctx}" + (", fused attention kernel" if fused else "")
         rows.append((label, f"{tps:.0f}", f"floor {floor:.0f}", f"{tps / floor:.0%}"))
@@ -126,6 +143,10 @@ def main():
     rows.append(("ours / HF: decode", f"{ours_decode / hf_decode:.1f}x", "", ""))
     rows.append(("ours / HF: prefill 2048", f"{ours_prefill / hf_prefill:.2f}x", "target 2.5x", ""))
 
+    print_table(gpu)
+
+
+def print_table(gpu):
     print(f"\n{gpu}, {time.strftime('%Y-%m-%d')}")
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:

@@ -127,7 +127,37 @@ def yardstick(hf16, wdtype, kv):
     return hf16[fmt] if np.isfinite(hf16[fmt]) else hf16["bf16"]
 
 
-def fixtures():
+def ppl_check(name, checkpoint, meta, tok):
+    """`./run -m ppl` (prefill, LM head and cross entropy on the GPU) against the float64
+    log-softmax of `./run -m logits` on the same windows (checks the cross-entropy kernel and the
+    windowing: 1e-5 relative), and against HF's float32 nll from the fixture."""
+    ctx = meta["ppl_ctx"]
+    text = open(text_file, encoding="utf-8").read()[:meta["ppl_text_bytes"]]
+    path = os.path.join(work, "ppl.txt")
+    open(path, "w", encoding="utf-8").write(text)
+    fields = sh(["./run", checkpoint, "-m", "ppl", "-f", path, "-c", str(ctx), "-e", "bf16"]).split()
+    nll, tokens = float(fields[3]), int(fields[5])
+    ids = tok.encode(text)
+    total, count = 0.0, 0
+    for s in range(0, len(ids), ctx):
+        w = ids[s:s + ctx]
+        if len(w) < 2:
+            break
+        logits = ours(checkpoint, w, "bf16", 0, context=ctx)[:-1].astype(np.float64)
+        top = logits.max(axis=1)
+        lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+        total += float((lse - logits[np.arange(len(w) - 1), w[1:]]).sum())
+        count += len(w) - 1
+    own, hf = total / count, meta["ppl_nll_sum"] / meta["ppl_scored"]
+    rel = abs(nll - own) / abs(own)
+    ok = tokens == count == meta["ppl_scored"] and rel <= 1e-5
+    rows.append((name, "ppl mode, bf16 KV", f"nll {nll:.5f}; from logits {own:.5f} ({rel:.1e})",
+                 f"HF fp32 nll {hf:.5f}", f"{tokens} tokens", "ok" if ok else "FAIL"))
+    if not ok:
+        failures.append((name, "ppl"))
+
+
+def fixtures(tok):
     """./run on the committed tiny fixtures: logits against HF's and ./runcpu's, greedy tokens
     against HF's."""
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -161,11 +191,13 @@ def fixtures():
                          f"{agree.mean():.1%} (vs runcpu {rel_cpu.max():.1e})", f"{upto}/{N_GREEDY}", "ok" if ok else "FAIL"))
             if not ok:
                 failures.append((name, kv, fused))
+        if "ppl_ctx" in meta:
+            ppl_check(name, checkpoint, meta, tok)
 
 
 def main():
-    fixtures()
     tok = AutoTokenizer.from_pretrained(tok_dir)
+    fixtures(tok)
     text_ids = tok.encode(open(text_file, encoding="utf-8").read()[:20000])
     ids = text_ids[:N_POS]
     prompt = text_ids[1000:1000 + N_PROMPT]
