@@ -144,22 +144,24 @@ static void check_config(const Config* c, const char* path, size_t actual_size) 
 }
 
 // ----------------------------------------------------------------------------
-// The model as the CPU reference sees it: every matrix as float32.
+// The model as the CPU reference sees it: the vectors as float32, the matrices in the file's dtype,
+// both read in place from the mapped checkpoint.
 
 typedef struct {
-    float* embedding;  // (vocab_size, dim)
-    float* rms_att;    // (n_layers, dim)
-    float* rms_ffn;    // (n_layers, dim)
-    float* q_norm;     // (n_layers, head_dim) or NULL
-    float* k_norm;     // (n_layers, head_dim) or NULL
-    float* k_scale;    // (n_layers)
-    float* bqkv;       // (n_layers, qkv_dim) or NULL
-    float* wqkv;       // (n_layers, qkv_dim, dim)
-    float* wo;         // (n_layers, dim, q_dim)
-    float* w_gate_up;  // (n_layers, 2*hidden_dim, dim)
-    float* w_down;     // (n_layers, dim, hidden_dim)
-    float* rms_final;  // (dim)
-    float* lm_head;    // (vocab_size, dim)
+    const void* embedding;  // (vocab_size, dim)
+    float* rms_att;         // (n_layers, dim)
+    float* rms_ffn;         // (n_layers, dim)
+    float* q_norm;          // (n_layers, head_dim) or NULL
+    float* k_norm;          // (n_layers, head_dim) or NULL
+    float* k_scale;         // (n_layers)
+    float* bqkv;            // (n_layers, qkv_dim) or NULL
+    const void* wqkv;       // (n_layers, qkv_dim, dim)
+    const void* wo;         // (n_layers, dim, q_dim)
+    const void* w_gate_up;  // (n_layers, 2*hidden_dim, dim)
+    const void* w_down;     // (n_layers, dim, hidden_dim)
+    float* rms_final;       // (dim)
+    const void* lm_head;    // (vocab_size, dim)
+    float* half_to_f32;     // (65536) bf16 or fp16 bits -> float32, for 16-bit files
 } Weights;
 
 typedef struct {
@@ -234,16 +236,6 @@ static float f16_to_f32(uint16_t h) {
     return f;
 }
 
-// A matrix of the file as float32: in place for fp32 files, else a converted copy.
-static float* matrix_f32(Model* m, size_t offset, size_t count) {
-    if (m->config.wdtype == W_F32) return (float*)(m->file + offset);
-    const uint16_t* src = (const uint16_t*)(m->file + offset);
-    float* dst = xmalloc(count * 4, "weights");
-    for (size_t i = 0; i < count; i++)
-        dst[i] = m->config.wdtype == W_BF16 ? bf16_to_f32(src[i]) : f16_to_f32(src[i]);
-    return dst;
-}
-
 static float* vector_f32(Model* m, size_t offset) { return offset ? (float*)(m->file + offset) : NULL; }
 
 static void init_cpu(Model* m) {
@@ -251,19 +243,24 @@ static void init_cpu(Model* m) {
     Layout* o = &m->at;
     Weights* w = &m->w;
     size_t L = c->n_layers, D = c->dim, H = c->hidden_dim, V = c->vocab_size;
-    w->embedding = matrix_f32(m, o->embedding, V * D);
+    w->embedding = m->file + o->embedding;
     w->rms_att = vector_f32(m, o->rms_att);
     w->rms_ffn = vector_f32(m, o->rms_ffn);
     w->q_norm = vector_f32(m, o->q_norm);
     w->k_norm = vector_f32(m, o->k_norm);
     w->k_scale = vector_f32(m, o->k_scale);
     w->bqkv = vector_f32(m, o->bqkv);
-    w->wqkv = matrix_f32(m, o->wqkv, L * qkv_dim(c) * D);
-    w->wo = matrix_f32(m, o->wo, L * D * q_dim(c));
-    w->w_gate_up = matrix_f32(m, o->w_gate_up, L * 2 * H * D);
-    w->w_down = matrix_f32(m, o->w_down, L * D * H);
+    w->wqkv = m->file + o->wqkv;
+    w->wo = m->file + o->wo;
+    w->w_gate_up = m->file + o->w_gate_up;
+    w->w_down = m->file + o->w_down;
     w->rms_final = vector_f32(m, o->rms_final);
-    w->lm_head = (c->flags & FLAG_TIED) ? w->embedding : matrix_f32(m, o->lm_head, V * D);
+    w->lm_head = (c->flags & FLAG_TIED) ? w->embedding : m->file + o->lm_head;
+    if (c->wdtype != W_F32) {  // every 16-bit pattern's exact float32 value
+        w->half_to_f32 = xmalloc(65536 * sizeof(float), "the weight dtype table");
+        for (uint32_t h = 0; h < 65536; h++)
+            w->half_to_f32[h] = c->wdtype == W_BF16 ? bf16_to_f32((uint16_t)h) : f16_to_f32((uint16_t)h);
+    }
 
     RunState* s = &m->s;
     size_t cache = L * m->seq_len * kv_dim(c);
@@ -289,14 +286,26 @@ static void rmsnorm(float* out, const float* x, const float* weight, int n, floa
     for (int i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
 }
 
-// out (d) = W (d, n) @ x (n)
-static void matmul(float* out, const float* x, const float* w, int n, int d) {
+// Element i of a weight matrix as float32 (exact for every stored dtype)
+static inline float weight(const Weights* w, const void* mat, size_t i) {
+    return w->half_to_f32 ? w->half_to_f32[((const uint16_t*)mat)[i]] : ((const float*)mat)[i];
+}
+
+// out (d) = rows first_row .. first_row + d of the weight matrix mat (.., n) @ x (n); weight()'s
+// dtype test is hoisted out of the inner loop
+static void matmul(const Weights* w, float* out, const float* x, const void* mat, size_t first_row, int n, int d) {
     int i;
 #pragma omp parallel for private(i)
     for (i = 0; i < d; i++) {
-        const float* row = w + (size_t)i * n;
+        size_t at = (first_row + i) * n;
         double sum = 0;
-        for (int j = 0; j < n; j++) sum += row[j] * x[j];
+        if (w->half_to_f32) {
+            const uint16_t* row = (const uint16_t*)mat + at;
+            for (int j = 0; j < n; j++) sum += w->half_to_f32[row[j]] * x[j];
+        } else {
+            const float* row = (const float*)mat + at;
+            for (int j = 0; j < n; j++) sum += row[j] * x[j];
+        }
         out[i] = (float)sum;
     }
 }
@@ -325,12 +334,12 @@ static float* forward_cpu(Model* m, int token, int pos) {
     int D = c->dim, H = c->hidden_dim, hd = c->head_dim, QKV = qkv_dim(c), KV = kv_dim(c);
     int group = c->n_heads / c->n_kv_heads;
     float* x = s->x;
-    memcpy(x, w->embedding + (size_t)token * D, D * sizeof(float));
+    for (int i = 0; i < D; i++) x[i] = weight(w, w->embedding, (size_t)token * D + i);
 
     for (int l = 0; l < c->n_layers; l++) {
         // q, k, v = Wqkv @ rmsnorm(x) (+ bias)
         rmsnorm(s->xb, x, w->rms_att + l * D, D, c->eps);
-        matmul(s->qkv, s->xb, w->wqkv + (size_t)l * QKV * D, D, QKV);
+        matmul(w, s->qkv, s->xb, w->wqkv, (size_t)l * QKV, D, QKV);
         if (w->bqkv) for (int i = 0; i < QKV; i++) s->qkv[i] += w->bqkv[(size_t)l * QKV + i];
         float *q = s->qkv, *k = q + q_dim(c), *v = k + KV;
         // per-head RMSNorm of q and k (Qwen3), then RoPE
@@ -374,18 +383,18 @@ static float* forward_cpu(Model* m, int token, int pos) {
             }
         }
         // x += Wo @ att
-        matmul(s->xb2, s->att, w->wo + (size_t)l * D * q_dim(c), q_dim(c), D);
+        matmul(w, s->xb2, s->att, w->wo, (size_t)l * D, q_dim(c), D);
         for (int i = 0; i < D; i++) x[i] += s->xb2[i];
         // x += Wdown @ (silu(Wgate @ rmsnorm(x)) * (Wup @ rmsnorm(x)))
         rmsnorm(s->xb, x, w->rms_ffn + l * D, D, c->eps);
-        matmul(s->hb, s->xb, w->w_gate_up + (size_t)l * 2 * H * D, D, 2 * H);
+        matmul(w, s->hb, s->xb, w->w_gate_up, (size_t)l * 2 * H, D, 2 * H);
         for (int i = 0; i < H; i++) s->hb[i] = silu(s->hb[i]) * s->hb[H + i];
-        matmul(s->xb2, s->hb, w->w_down + (size_t)l * D * H, H, D);
+        matmul(w, s->xb2, s->hb, w->w_down, (size_t)l * D, H, D);
         for (int i = 0; i < D; i++) x[i] += s->xb2[i];
     }
     // logits = lm_head @ rmsnorm(x)
     rmsnorm(s->xb, x, w->rms_final, D, c->eps);
-    matmul(s->logits, s->xb, w->lm_head, D, c->vocab_size);
+    matmul(w, s->logits, s->xb, w->lm_head, 0, D, c->vocab_size);
     return s->logits;
 }
 #endif
