@@ -76,6 +76,9 @@ def main():
     kv_per_token = 28 * 2 * 8 * 128 * 2
     rows.append(("device-to-device copy", f"{bw / 1e12:.2f} TB/s", "", ""))
 
+    def floor(ctx):  # tok/s if a step only moved the weights and the K/V of its context
+        return bw / (weight_bytes + kv_per_token * (ctx + 64))
+
     def decode_tps(binary, ctx, fused=0):
         _, err = run([binary, checkpoint, "-i", tok.decode(ids[:ctx]), "-t", "0", "-n", "128", "-c", "8192",
                       "-a", str(fused)])
@@ -83,7 +86,6 @@ def main():
 
     if against:  # A/B: three alternating runs each, medians
         for ctx in (128, 1024, 4096):
-            floor = bw / (weight_bytes + kv_per_token * (ctx + 64))
             times = {b: [] for b in ("./run", against)}
             for _ in range(3):
                 for b in times:
@@ -91,16 +93,15 @@ def main():
             for b, t in times.items():
                 tps = sorted(t)[1]
                 rows.append((f"decode tok/s at context {ctx}, {b}", f"{tps:.0f} ({', '.join(f'{x:.0f}' for x in t)})",
-                             f"floor {floor:.0f}", f"{tps / floor:.0%}"))
+                             f"floor {floor(ctx):.0f}", f"{tps / floor(ctx):.0%}"))
         return print_table(gpu)
 
     # decode at several contexts: a prompt of that many tokens, then 128 greedy tokens; one kernel
     # per attention step (-a 0, the default) and the fused attention kernel (-a 1)
     for ctx, fused in ((128, 0), (1024, 0), (4096, 0), (128, 1), (4096, 1)):
         tps, err = decode_tps("./run", ctx, fused)
-        floor = bw / (weight_bytes + kv_per_token * (ctx + 64))
         label = f"decode tok/s at context {ctx}" + (", fused attention kernel" if fused else "")
-        rows.append((label, f"{tps:.0f}", f"floor {floor:.0f}", f"{tps / floor:.0%}"))
+        rows.append((label, f"{tps:.0f}", f"floor {floor(ctx):.0f}", f"{tps / floor(ctx):.0%}"))
         if ctx == 128 and not fused:
             load = field(r"in ([\d.]+) s:", err)
             mem = field(r"GPU memory in use: (\d+) MB", err)
