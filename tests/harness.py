@@ -1,5 +1,7 @@
-"""What the tests share: paths, running the binary, exporting fixtures, error-line checks."""
+"""What the tests share: paths, the committed data, running the binary, exporting fixtures,
+error-line checks, skips."""
 import json
+import lzma
 import os
 import shutil
 import subprocess
@@ -8,13 +10,33 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 TMP = os.path.join(ROOT, "tests", "tmp")
 RUNCPU = os.path.join(ROOT, os.environ.get("RUNCPU", "runcpu"))
 TOKENIZER = os.path.join(ROOT, "tokenizer.bin")
 shutil.rmtree(TMP, ignore_errors=True)  # every run exports afresh
 os.makedirs(TMP)
+
+
+class Skip(Exception):
+    """Raised by a test that could not run: counted apart from passes (and as a failure under CI)."""
+
+
+def data_file(name):
+    """A file of the repo's data/ folder (e.g. "tinyshakespeare.txt", "qwen3-tokenizer/tokenizer.json"),
+    decompressed into tests/tmp/data the first time when it is committed as NAME.xz."""
+    path = os.path.join(ROOT, "data", name)
+    if os.path.exists(path):
+        return path
+    out = os.path.join(TMP, "data", name)
+    if not os.path.exists(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with lzma.open(path + ".xz") as f:
+            data = f.read()
+        with open(out + ".part", "wb") as f:
+            f.write(data)
+        os.replace(out + ".part", out)
+    return out
 
 
 def run(args, stdin=None, timeout=120):

@@ -8,14 +8,14 @@ import os
 
 import numpy as np
 
-from harness import FIXTURES, RUNCPU, SHARED, TMP, assert_one_error_line, export, logits_of, reference, run
+from harness import FIXTURES, RUNCPU, TMP, data_file, assert_one_error_line, export, logits_of, reference, run
 
 NAME = "qwen3_fullvocab_bf16"
 
 
 def bytes_of_ids(ids):
     """HF's decoding of ids, from tokenizer.json alone: byte-level symbols back to bytes."""
-    tok = json.load(open(os.path.join(SHARED, "qwen3-tokenizer", "tokenizer.json"), encoding="utf-8"))
+    tok = json.load(open(data_file("qwen3-tokenizer/tokenizer.json"), encoding="utf-8"))
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
     byte_of, n = {}, 0
     for b in range(256):
@@ -31,7 +31,7 @@ def bytes_of_ids(ids):
 
 def test_perplexity_matches_hf():
     ref = reference(NAME)
-    text = open(os.path.join(SHARED, "data", "tinyshakespeare.txt"), encoding="utf-8").read()[: ref["ppl_text_bytes"]]
+    text = open(data_file("tinyshakespeare.txt"), encoding="utf-8").read()[: ref["ppl_text_bytes"]]
     path = os.path.join(TMP, "ppl.txt")
     open(path, "w", encoding="utf-8").write(text)
     rc, out, err = run([RUNCPU, export(NAME), "-m", "ppl", "-f", path, "-c", str(ref["ppl_ctx"])])

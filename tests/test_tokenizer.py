@@ -13,12 +13,12 @@ import sys
 import time
 import unicodedata
 
-from harness import ROOT as REPO, SHARED, TOKENIZER as TOKENIZER_BIN
+from harness import ROOT as REPO, TOKENIZER as TOKENIZER_BIN, data_file
 
 BUILD = os.path.join(REPO, "build")
-TOKENIZER_JSON = os.path.join(SHARED, "qwen3-tokenizer", "tokenizer.json")
+TOKENIZER_JSON = data_file("qwen3-tokenizer/tokenizer.json")
 GOLDENS = os.path.join(REPO, "tests", "tokenizer_goldens.json")
-SHAKESPEARE = os.path.join(SHARED, "data", "tinyshakespeare.txt")
+SHAKESPEARE = data_file("tinyshakespeare.txt")
 
 _built = {}
 
