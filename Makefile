@@ -2,7 +2,7 @@
 # make run     the CUDA build (nvcc; runs on a Hopper GPU)
 # make test    the CPU test suite (CI runs this)
 # make asan    the CPU test suite under AddressSanitizer + UBSan
-# make demo    export a tiny fixture model and generate from it
+# make demo    export the trained demo model (demo/) and generate Shakespeare from it
 CC ?= gcc
 NVCC ?= $(or $(shell command -v nvcc),/usr/local/cuda/bin/nvcc)
 CFLAGS = -O2 -Wall -Wextra -std=gnu11
@@ -43,11 +43,11 @@ test: runcpu
 asan: build/runcpu-asan
 	RUNCPU=build/runcpu-asan ASAN_OPTIONS=detect_leaks=0 $(PYTHON) tests/run_tests.py
 
-# the quick start: export the tiny full-vocabulary fixture and generate from it
+# the quick start: export the trained demo model and generate from it with its own tokenizer
 demo: runcpu
 	mkdir -p build
-	$(PYTHON) export.py tests/fixtures/qwen3_fullvocab_bf16 build/tiny.bin
-	./runcpu build/tiny.bin -i "ROMEO:" -n 32 -s 1
+	$(PYTHON) export.py demo build/demo.bin
+	./runcpu build/demo.bin -z demo/tokenizer.bin -i "ROMEO:" -n 200 -s 1
 
 clean:
 	rm -rf run runcpu build

@@ -2,11 +2,13 @@
 own byte-level BPE tokenizer on tinyshakespeare, so that a first run prints real text.
 
 Runs on the GPU machine (torch, transformers, tokenizers), seeded, in a few minutes:
-    python3 demo/train.py TINYSHAKESPEARE_TXT OUT_DIR
+    python3 demo/train.py TINYSHAKESPEARE_TXT OUT_DIR [NAME=VALUE ...]
+
+(NAME=VALUE overrides one of the hyperparameters below, e.g. LR=1e-3, for a sweep.)
 
 Writes OUT_DIR/config.json, model.safetensors (bf16) and tokenizer.json: a Hugging Face folder
-that export.py reads like a real Qwen3 checkpoint. The text is split as split() says: the first
-90% (cut at a line boundary) trains, the last 10% validates.
+that export.py reads like a real Qwen3 checkpoint. The text is split as demo/text.py's split() says:
+the first 90% (cut at a line boundary) trains, the last 10% validates.
 """
 import json
 import math
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from text import split
+
 SEED = 1337
 BPE_VOCAB = 4093  # + the three special tokens = 4096 ids
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -28,15 +32,9 @@ CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidde
               num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
               rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
               bos_token_id=4093, eos_token_id=4093)  # <|endoftext|>
-CONTEXT, BATCH, STEPS, WARMUP = 512, 32, 3000, 100
-LR, MIN_LR, WEIGHT_DECAY, DROPOUT = 2e-3, 1e-4, 0.1, 0.2
+CONTEXT, BATCH, STEPS, WARMUP = 512, 64, 1000, 100
+LR, MIN_LR, WEIGHT_DECAY, DROPOUT = 1e-3, 1e-4, 0.1, 0.3
 EVAL_EVERY, EVAL_WINDOWS = 100, 64
-
-
-def split(text):
-    """(train, validation): the first 90% of the characters, extended to the end of its line, and the rest."""
-    cut = text.index("\n", int(len(text) * 0.9)) + 1
-    return text[:cut], text[cut:]
 
 
 def train_tokenizer(train_text):
@@ -135,4 +133,7 @@ def main(text_path, out_dir):
 
 
 if __name__ == "__main__":
+    for arg in sys.argv[3:]:
+        name, value = arg.split("=")
+        globals()[name] = type(globals()[name])(value)
     main(*sys.argv[1:3])

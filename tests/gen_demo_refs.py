@@ -6,7 +6,6 @@ Writes OUT_DIR/ref.json, val_ids.npy (int32: HF's ids of the validation split) a
 (float32 (len(positions), vocab): HF's logits over the first CONTEXT validation tokens, at
 ref.json's "positions").
 """
-import importlib.util
 import json
 import math
 import os
@@ -20,9 +19,9 @@ from transformers import Qwen3ForCausalLM
 
 here = os.path.dirname(os.path.abspath(__file__))
 
-spec = importlib.util.spec_from_file_location("train", os.path.join(here, "..", "demo", "train.py"))
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
+sys.path[:0] = [os.path.join(here, ".."), os.path.join(here, "..", "demo")]
+from export import bytes_to_unicode  # noqa: E402
+from text import split  # noqa: E402
 
 CONTEXT, LOGITS_EVERY, N_GREEDY, PROMPT = 512, 8, 200, "ROMEO:"
 
@@ -33,7 +32,7 @@ def main(demo_dir, text_path, out_dir):
     torch.set_grad_enabled(False)
     os.makedirs(out_dir, exist_ok=True)
     tok = Tokenizer.from_file(os.path.join(demo_dir, "tokenizer.json"))
-    _, val_text = train.split(open(text_path, encoding="utf-8").read())
+    _, val_text = split(open(text_path, encoding="utf-8").read())
     val = tok.encode(val_text).ids
     np.save(os.path.join(out_dir, "val_ids.npy"), np.array(val, dtype=np.int32))
     model = Qwen3ForCausalLM.from_pretrained(demo_dir, dtype=torch.float32, attn_implementation="eager").cuda().eval()
@@ -55,10 +54,9 @@ def main(demo_dir, text_path, out_dir):
     nll = sum(n for n, _ in windows)
     scored = sum(c for _, c in windows)
     # bytes of the scored tokens (every token but the first of each window), for nats per byte
-    byte_of = {c: b for b, c in train_bytes_to_unicode().items()}
-    piece_bytes = [len(bytes(byte_of[ch] for ch in tok.id_to_token(i))) if i < train.BPE_VOCAB else len(tok.id_to_token(i).encode())
-                   for i in range(tok.get_vocab_size())]
-    scored_bytes = sum(piece_bytes[t] for s in range(0, len(val), CONTEXT) for t in val[s + 1:s + CONTEXT])
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    scored_bytes = sum(len(bytes(byte_of[ch] for ch in tok.id_to_token(t)))
+                       for s in range(0, len(val), CONTEXT) for t in val[s + 1:s + CONTEXT])
 
     prompt = tok.encode(PROMPT).ids
     out = model.generate(torch.tensor([prompt]).cuda(), max_new_tokens=N_GREEDY, do_sample=False, output_scores=True,
@@ -74,13 +72,6 @@ def main(demo_dir, text_path, out_dir):
     json.dump(ref, open(os.path.join(out_dir, "ref.json"), "w"), indent=1)
     print({k: v for k, v in ref.items() if k not in ("ppl_windows", "greedy", "greedy_margins", "greedy_prompt")})
     print("smallest greedy margin", min(margins))
-
-
-def train_bytes_to_unicode():
-    spec = importlib.util.spec_from_file_location("export", os.path.join(here, "..", "export.py"))
-    export = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(export)
-    return export.bytes_to_unicode()
 
 
 if __name__ == "__main__":

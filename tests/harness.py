@@ -46,10 +46,12 @@ def run(args, stdin=None, timeout=120):
 
 
 def export(name, dtype=None):
-    """The fixture exported to tests/tmp (once per dtype); returns the .bin path."""
-    out = os.path.join(TMP, f"{name}.{dtype or 'own'}.bin")
+    """A fixture (or, given an absolute path, any model folder) exported to tests/tmp, once per
+    dtype; returns the .bin path."""
+    source = name if os.path.isabs(name) else os.path.join(FIXTURES, name)
+    out = os.path.join(TMP, f"{os.path.basename(source)}.{dtype or 'own'}.bin")
     if not os.path.exists(out):
-        args = [sys.executable, os.path.join(ROOT, "export.py"), os.path.join(FIXTURES, name), out]
+        args = [sys.executable, os.path.join(ROOT, "export.py"), source, out]
         rc, _, err = run(args + (["--dtype", dtype] if dtype else []))
         assert rc == 0, f"export of {name} failed: {err}"
     return out
