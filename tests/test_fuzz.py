@@ -23,7 +23,8 @@ import subprocess
 from harness import RUNCPU, TMP, assert_one_error_line, export, write_ids
 from test_tokenizer import HEADER_FIELDS, TOKENIZERS, driver, sections
 
-SEED = int(os.environ.get("FUZZ_SEED", "12"))
+# seed 7: its tokenizer case 186 crashed tokenizer.h before the loader checked added tokens for valid UTF-8
+SEED = int(os.environ.get("FUZZ_SEED", "7"))
 CASES = int(os.environ.get("FUZZ_CASES", "300"))
 OUT = os.path.join(TMP, "fuzz")
 os.makedirs(OUT, exist_ok=True)
