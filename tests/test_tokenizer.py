@@ -15,6 +15,7 @@ import sys
 import time
 import unicodedata
 
+import gen_unicode_tables
 import harness
 from harness import ROOT as REPO, RUNCPU, TOKENIZER as TOKENIZER_BIN, Skip, assert_one_error_line, data_file
 
@@ -152,8 +153,6 @@ def test_unicode_tables_reproducible():
     unicodedata 14.0.0, which CI has)."""
     if unicodedata.unidata_version != "14.0.0":
         raise Skip(f"gen_unicode_tables.py needs unicodedata 14.0.0 (Python 3.11), this is {unicodedata.unidata_version}")
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    import gen_unicode_tables
     with lzma.open(os.path.join(REPO, "data", "unicode_tables.json.xz")) as f:
         committed = json.load(f)
     assert committed == gen_unicode_tables.unicode_tables(), "data/unicode_tables.json.xz is not what gen_unicode_tables.py builds"
@@ -303,15 +302,18 @@ def test_crafted_decompositions():
 
 
 def test_added_token_not_utf8_rejected():
-    """An added token whose text is not valid UTF-8 (here id 255, the single byte 0xAD) matched inside a
-    character (U+00AD is C2 AD) and left a broken sequence in the stretch before it, which the encoder
-    decoded forever past its buffer (found by test_fuzz.py). The loader refuses it."""
+    """An added token whose text is not valid UTF-8 (here the single byte 0xAD) matched inside a character
+    (U+00AD is C2 AD) and left a broken sequence in the stretch before it, which the encoder decoded past
+    its buffer (found by test_fuzz.py). The loader refuses it."""
     with open(TOKENIZERS["demo"][0], "rb") as f:
         good = f.read()
-    at, n, _ = sections(good)[1]["added"]
-    assert struct.unpack_from("<I", good, at + 8 * (n - 1))[0] == 4095  # <|im_end|>
-    path = corrupt_file("added_token_not_utf8", good[:at + 8 * (n - 1)] + struct.pack("<I", 255) + good[at + 8 * n - 4:])
-    r = run(["encode", path], stdin="a\u00ad b".encode(), sanitize=True)
+    _, at = sections(good)
+    offsets = struct.unpack_from("<257I", good, at["piece_offsets"][0])
+    pieces = [good[at["piece_bytes"][0] + offsets[i]:at["piece_bytes"][0] + offsets[i + 1]] for i in range(256)]
+    added_at, n_added, _ = at["added"]
+    # the last added token (<|im_end|>) becomes the byte 0xAD's id
+    bad = good[:added_at + 8 * (n_added - 1)] + struct.pack("<I", pieces.index(b"\xad")) + good[added_at + 8 * n_added - 4:]
+    r = run(["encode", corrupt_file("added_token_not_utf8", bad)], stdin="a\u00ad b".encode(), sanitize=True)
     assert_one_error_line(r.returncode, r.stderr.decode(errors="replace"), "added token not UTF-8")
 
 
