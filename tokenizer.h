@@ -1,5 +1,5 @@
 // tokenizer.h: the Qwen2/Qwen3 byte-level BPE tokenizer, id-for-id the same as Hugging Face tokenizers.
-// Reads tokenizer.bin (layout documented in export_tokenizer.py). Single header, C99, no regex library.
+// Reads tokenizer.bin (layout documented in export.py). Single header, C99 (+ POSIX fstat), no regex library.
 //
 // Encoding follows tokenizer.json's pipeline:
 //   1. added tokens (<|im_start|>, <think>, ...) are cut out of the raw text, leftmost-longest;
@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
+#include <sys/stat.h>
 
 #define TOKENIZER_MAGIC "QTOK"
 #define TOKENIZER_VERSION 1
@@ -30,6 +31,11 @@ enum { TOK_LETTER = 1, TOK_NUMBER = 2, TOK_SPACE = 4, TOK_NFC = 8 }; // TOK_NFC:
 #define TOK_HANGUL_V_COUNT 21
 #define TOK_HANGUL_T_COUNT 28
 #define TOK_HANGUL_S_COUNT (TOK_HANGUL_L_COUNT * TOK_HANGUL_V_COUNT * TOK_HANGUL_T_COUNT)
+// Unicode's longest full canonical decomposition: 4 code points, 3 levels (U+1F82 -> U+1F02 U+0345 ->
+// U+1F00 U+0300 U+0345 -> U+03B1 U+0313 U+0300 U+0345). The loader refuses tables beyond that, which
+// bounds what NFC can expand a text to and the work of checking the table.
+#define TOK_DECOMP_MAX_LENGTH 4
+#define TOK_DECOMP_MAX_DEPTH 3
 
 typedef struct {
     unsigned char* data; // the whole file; the pointers below point into it
@@ -57,6 +63,53 @@ static void tokenizer_fail(const char* path, const char* what) {
     fprintf(stderr, "error: tokenizer %s: %s\n", path, what);
     exit(1);
 }
+
+// ----------------------------------------------------------------------------
+// UTF-8
+
+// Length of the well-formed UTF-8 sequence at s[0..n), or 0 if it is ill-formed (Unicode table 3-7).
+static int utf8_sequence_length(const unsigned char* s, size_t n) {
+    unsigned char c = s[0];
+    if (c < 0x80) return 1;
+    int len = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+    if (len == 0 || (size_t)len > n) return 0;
+    unsigned char lo = c == 0xE0 ? 0xA0 : c == 0xF0 ? 0x90 : 0x80;
+    unsigned char hi = c == 0xED ? 0x9F : c == 0xF4 ? 0x8F : 0xBF;
+    if (s[1] < lo || s[1] > hi) return 0;
+    for (int i = 2; i < len; i++) if ((s[i] & 0xC0) != 0x80) return 0;
+    return len;
+}
+
+// Offset of the first ill-formed sequence in s[0..n), or n if it is all valid UTF-8.
+static size_t utf8_first_invalid(const unsigned char* s, size_t n) {
+    for (size_t i = 0; i < n;) {
+        int len = utf8_sequence_length(s + i, n - i);
+        if (len == 0) return i;
+        i += (size_t)len;
+    }
+    return n;
+}
+
+static uint32_t utf8_decode(const unsigned char* s, int len) {
+    if (len == 1) return s[0];
+    uint32_t c = s[0] & (0x7F >> len);
+    for (int i = 1; i < len; i++) c = c << 6 | (s[i] & 0x3F);
+    return c;
+}
+
+static int utf8_encode(uint32_t c, unsigned char* out) {
+    if (c < 0x80) { out[0] = (unsigned char)c; return 1; }
+    if (c < 0x800) { out[0] = (unsigned char)(0xC0 | c >> 6); out[1] = (unsigned char)(0x80 | (c & 0x3F)); return 2; }
+    if (c < 0x10000) {
+        out[0] = (unsigned char)(0xE0 | c >> 12); out[1] = (unsigned char)(0x80 | (c >> 6 & 0x3F));
+        out[2] = (unsigned char)(0x80 | (c & 0x3F)); return 3;
+    }
+    out[0] = (unsigned char)(0xF0 | c >> 18); out[1] = (unsigned char)(0x80 | (c >> 12 & 0x3F));
+    out[2] = (unsigned char)(0x80 | (c >> 6 & 0x3F)); out[3] = (unsigned char)(0x80 | (c & 0x3F)); return 4;
+}
+
+// ----------------------------------------------------------------------------
+// loading
 
 static uint32_t tok_hash_u64(uint64_t x) {
     x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33;
@@ -124,8 +177,10 @@ static const uint32_t* tokenizer_find_decomp(const Tokenizer* t, uint32_t c) {
     return NULL;
 }
 
-// Number of code points c decomposes to, or -1 if that takes more than `depth` levels (a cycle).
+// Number of code points tok_decompose writes for c (a Hangul syllable gives its 2 or 3 jamo), or -1 if
+// that takes more than `depth` levels (a cycle in a corrupt table). tok_nfc sizes its buffer with it.
 static int tokenizer_decomp_length(const Tokenizer* t, uint32_t c, int depth) {
+    if (c - TOK_HANGUL_S_BASE < TOK_HANGUL_S_COUNT) return (c - TOK_HANGUL_S_BASE) % TOK_HANGUL_T_COUNT ? 3 : 2;
     const uint32_t* e = tokenizer_find_decomp(t, c);
     if (!e) return 1;
     if (depth == 0) return -1;
@@ -138,16 +193,12 @@ void tokenizer_load(Tokenizer* t, const char* path) {
     memset(t, 0, sizeof *t);
     FILE* f = fopen(path, "rb");
     if (!f) tokenizer_fail(path, strerror(errno));
-    size_t size = 0, cap = 1 << 22;
-    t->data = malloc(cap);
-    for (;;) {
-        if (!t->data) tokenizer_fail(path, "out of memory");
-        size += fread(t->data + size, 1, cap - size, f);
-        if (size < cap) break;
-        cap *= 2;
-        t->data = realloc(t->data, cap);
-    }
-    if (ferror(f)) tokenizer_fail(path, errno ? strerror(errno) : "read error");
+    struct stat st; // a regular file only: a directory, a pipe or /dev/zero has no size to read
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) tokenizer_fail(path, "not a regular file");
+    size_t size = (size_t)st.st_size;
+    t->data = malloc(size + 1); // + 1: not NULL for an empty file
+    if (!t->data) tokenizer_fail(path, "out of memory");
+    if (fread(t->data, 1, size, f) != size) tokenizer_fail(path, ferror(f) ? strerror(errno) : "read error");
     fclose(f);
 
     if (size < TOKENIZER_HEADER_WORDS * 4) tokenizer_fail(path, "file too short for the header");
@@ -239,7 +290,11 @@ void tokenizer_load(Tokenizer* t, const char* path) {
         uint32_t id = t->added[2 * i], flags = t->added[2 * i + 1];
         if (id >= n_tokens || flags > 1 || t->piece_offsets[id + 1] == t->piece_offsets[id])
             tokenizer_fail(path, "corrupt added tokens");
+        // an added token is a string: valid UTF-8, so that it matches the text only at character boundaries
+        // and the stretches cut around it stay valid UTF-8
         uint32_t len = t->piece_offsets[id + 1] - t->piece_offsets[id];
+        if (utf8_first_invalid(t->piece_bytes + t->piece_offsets[id], len) != len)
+            tokenizer_fail(path, "corrupt added tokens: a text that is not valid UTF-8");
         int j = (int)i;
         for (; j > 0; j--) { // insertion sort by length, longest first
             int prev = t->added_by_length[j - 1];
@@ -263,8 +318,11 @@ void tokenizer_load(Tokenizer* t, const char* path) {
             (i > 0 && e[0] <= e[-3]))
             tokenizer_fail(path, "corrupt decomposition table");
     }
-    for (uint32_t i = 0; i < t->n_decomps; i++)
-        if (tokenizer_decomp_length(t, t->decomps[3 * i], 8) < 0) tokenizer_fail(path, "corrupt decomposition table (cycle)");
+    for (uint32_t i = 0; i < t->n_decomps; i++) {
+        int len = tokenizer_decomp_length(t, t->decomps[3 * i], TOK_DECOMP_MAX_DEPTH);
+        if (len < 0 || len > TOK_DECOMP_MAX_LENGTH)
+            tokenizer_fail(path, "corrupt decomposition table (a cycle, or longer than any Unicode decomposition)");
+    }
     for (uint32_t i = 0; i < t->n_compositions; i++) {
         const uint32_t* e = t->compositions + 3 * (size_t)i;
         if (e[0] > TOK_UNICODE_MAX || e[1] > TOK_UNICODE_MAX || e[2] > TOK_UNICODE_MAX ||
@@ -306,40 +364,6 @@ int tokenizer_find(const Tokenizer* t, const char* text) {
         if (t->piece_offsets[id + 1] - t->piece_offsets[id] == n &&
             memcmp(t->piece_bytes + t->piece_offsets[id], text, n) == 0) return id;
     }
-}
-
-// ----------------------------------------------------------------------------
-// UTF-8
-
-// Length of the well-formed UTF-8 sequence at s[0..n), or 0 if it is ill-formed (Unicode table 3-7).
-static int utf8_sequence_length(const unsigned char* s, size_t n) {
-    unsigned char c = s[0];
-    if (c < 0x80) return 1;
-    int len = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
-    if (len == 0 || (size_t)len > n) return 0;
-    unsigned char lo = c == 0xE0 ? 0xA0 : c == 0xF0 ? 0x90 : 0x80;
-    unsigned char hi = c == 0xED ? 0x9F : c == 0xF4 ? 0x8F : 0xBF;
-    if (s[1] < lo || s[1] > hi) return 0;
-    for (int i = 2; i < len; i++) if ((s[i] & 0xC0) != 0x80) return 0;
-    return len;
-}
-
-static uint32_t utf8_decode(const unsigned char* s, int len) {
-    if (len == 1) return s[0];
-    uint32_t c = s[0] & (0x7F >> len);
-    for (int i = 1; i < len; i++) c = c << 6 | (s[i] & 0x3F);
-    return c;
-}
-
-static int utf8_encode(uint32_t c, unsigned char* out) {
-    if (c < 0x80) { out[0] = (unsigned char)c; return 1; }
-    if (c < 0x800) { out[0] = (unsigned char)(0xC0 | c >> 6); out[1] = (unsigned char)(0x80 | (c & 0x3F)); return 2; }
-    if (c < 0x10000) {
-        out[0] = (unsigned char)(0xE0 | c >> 12); out[1] = (unsigned char)(0x80 | (c >> 6 & 0x3F));
-        out[2] = (unsigned char)(0x80 | (c & 0x3F)); return 3;
-    }
-    out[0] = (unsigned char)(0xF0 | c >> 18); out[1] = (unsigned char)(0x80 | (c >> 12 & 0x3F));
-    out[2] = (unsigned char)(0x80 | (c >> 6 & 0x3F)); out[3] = (unsigned char)(0x80 | (c & 0x3F)); return 4;
 }
 
 // ----------------------------------------------------------------------------
@@ -396,7 +420,8 @@ static uint32_t tok_compose_pair(const Tokenizer* t, uint32_t a, uint32_t b) { /
     return 0;
 }
 
-// Appends the full canonical decomposition of c to out (as ccc << 21 | code point), returns the new length.
+// Appends the full canonical decomposition of c to out (as ccc << 21 | code point): the
+// tokenizer_decomp_length(c) code points tok_nfc made room for. Returns the new length.
 static size_t tok_decompose(const Tokenizer* t, uint32_t c, uint32_t* out, size_t n) {
     if (c - TOK_HANGUL_S_BASE < TOK_HANGUL_S_COUNT) {
         uint32_t s = c - TOK_HANGUL_S_BASE;
@@ -415,10 +440,7 @@ static size_t tok_decompose(const Tokenizer* t, uint32_t c, uint32_t* out, size_
 static size_t tok_nfc(const Tokenizer* t, TokenizerEncodeState* st, size_t n) {
     // full decomposition into st->decomposed, then canonical ordering, then composition
     size_t cap = 0;
-    for (size_t i = 0; i < n; i++) {
-        int len = st->cps[i] - TOK_HANGUL_S_BASE < TOK_HANGUL_S_COUNT ? 3 : tokenizer_decomp_length(t, st->cps[i], 8);
-        cap += (size_t)len;
-    }
+    for (size_t i = 0; i < n; i++) cap += (size_t)tokenizer_decomp_length(t, st->cps[i], TOK_DECOMP_MAX_DEPTH);
     st->decomposed = tok_grow(st->decomposed, &st->cap_decomposed, cap, sizeof *st->decomposed);
     size_t m = 0;
     for (size_t i = 0; i < n; i++) m = tok_decompose(t, st->cps[i], st->decomposed, m);
@@ -591,11 +613,8 @@ static void tok_encode_stretch(const Tokenizer* t, TokenizerEncodeState* st, con
 long tokenizer_encode(const Tokenizer* t, const char* text, size_t len, int** ids, size_t* bad_offset) {
     const unsigned char* s = (const unsigned char*)text;
     *ids = NULL;
-    for (size_t i = 0; i < len;) {
-        int l = utf8_sequence_length(s + i, len - i);
-        if (l == 0) { if (bad_offset) *bad_offset = i; return -1; }
-        i += (size_t)l;
-    }
+    size_t bad = utf8_first_invalid(s, len);
+    if (bad < len) { if (bad_offset) *bad_offset = bad; return -1; }
     TokenizerEncodeState st;
     memset(&st, 0, sizeof st);
     size_t stretch = 0;

@@ -1,14 +1,13 @@
-// Writes tests/tokenizer_goldens.json: diverse strings and the ids Hugging Face tokenizers gives them.
-//   npm install tokenizers && node tests/gen_tokenizer_goldens.js
-// Deterministic: the random mixes come from a seeded PRNG. Also used by test_tokenizer.py's live fuzz:
-//   node tests/gen_tokenizer_goldens.js --fuzz SEED COUNT OUT.json
+// Writes golden cases: diverse strings and the ids Hugging Face tokenizers gives them.
+//   npm install tokenizers
+//   node tests/gen_tokenizer_goldens.js TOKENIZER_JSON TEXT_FILE OUT.json
+// TEXT_FILE is tinyshakespeare (data/tinyshakespeare.txt.xz, decompressed), where slices come from. The
+// committed goldens: tests/tokenizer_goldens.json from Qwen3's tokenizer.json (data/qwen3-tokenizer/,
+// decompressed), tests/demo_tokenizer_goldens.json from demo/tokenizer.json. Deterministic: the random
+// mixes come from a seeded PRNG. Also used by test_tokenizer.py's live fuzz:
+//   node tests/gen_tokenizer_goldens.js --fuzz SEED COUNT TOKENIZER_JSON OUT.json
 const fs = require("fs");
-const path = require("path");
 const { Tokenizer } = require("tokenizers");
-
-const repo = path.resolve(__dirname, "..");
-const shared = path.resolve(repo, "..", "shared");
-const tokenizer = Tokenizer.fromFile(path.join(shared, "qwen3-tokenizer", "tokenizer.json"));
 
 function mulberry32(seed) {
   return function () {
@@ -118,8 +117,8 @@ function randomCodePoints(rand) {
   return s;
 }
 
-function shakespeareSlices(rand, count) {
-  const text = fs.readFileSync(path.join(shared, "data", "tinyshakespeare.txt"), "utf8");
+function shakespeareSlices(rand, count, textPath) {
+  const text = fs.readFileSync(textPath, "utf8");
   const out = [];
   for (let i = 0; i < count; i++) {
     const start = Math.floor(rand() * (text.length - 600));
@@ -136,7 +135,7 @@ function longCases() {
   ];
 }
 
-async function encodeAll(strings) {
+async function encodeAll(tokenizer, strings) {
   const out = [];
   for (const text of strings) {
     const enc = await tokenizer.encode(text, null, { addSpecialTokens: false });
@@ -153,22 +152,29 @@ function writeCases(file, cases) {
 async function main() {
   const args = process.argv.slice(2);
   const pools = buildPools();
-  if (args[0] === "--fuzz") {
-    const rand = mulberry32(Number(args[1]));
+  if (args[0] === "--fuzz" && args.length === 5) {
+    const [seed, count, tokenizerPath, out] = args.slice(1);
+    const rand = mulberry32(Number(seed));
     const strings = [];
-    for (let i = 0; i < Number(args[2]); i++) strings.push(i % 3 === 2 ? randomCodePoints(rand) : randomMix(rand, pools));
-    writeCases(args[3], await encodeAll(strings));
+    for (let i = 0; i < Number(count); i++) strings.push(i % 3 === 2 ? randomCodePoints(rand) : randomMix(rand, pools));
+    writeCases(out, await encodeAll(Tokenizer.fromFile(tokenizerPath), strings));
     return;
   }
+  if (args.length !== 3 || args[0].startsWith("-")) {
+    console.error("usage: node tests/gen_tokenizer_goldens.js TOKENIZER_JSON TEXT_FILE OUT.json\n" +
+                  "       node tests/gen_tokenizer_goldens.js --fuzz SEED COUNT TOKENIZER_JSON OUT.json");
+    process.exit(2);
+  }
+  const [tokenizerPath, textPath, out] = args;
   const rand = mulberry32(20251121);
   const strings = [...FIXED];
   for (const w of pools.words) strings.push(w, " " + w, w.toUpperCase() + "'S");
   for (let i = 0; i < 700; i++) strings.push(randomMix(rand, pools));
   for (let i = 0; i < 150; i++) strings.push(randomCodePoints(rand));
-  strings.push(...shakespeareSlices(rand, 250), ...longCases());
-  const cases = await encodeAll(strings);
-  writeCases(path.join(__dirname, "tokenizer_goldens.json"), cases);
-  console.log(`wrote ${cases.length} cases to tests/tokenizer_goldens.json`);
+  strings.push(...shakespeareSlices(rand, 250, textPath), ...longCases());
+  const cases = await encodeAll(Tokenizer.fromFile(tokenizerPath), strings);
+  writeCases(out, cases);
+  console.log(`wrote ${cases.length} cases to ${out}`);
 }
 
 main();
