@@ -1011,8 +1011,8 @@ static int perplexity(Model* m, const int* ids, long n) {
         nll += feed(m, ids + w, end - w - 1, 0, NULL, ids + w + 1);  // the last token only a target
         scored += end - w - 1;
         double rate = end / (now_s() - start);
-        fprintf(stderr, "%s[ppl: %ld/%ld tokens, running ppl %.4f, %.1f tok/s, %.0f s left]%s", tty ? "\r" : "",
-                end, n, exp(nll / scored), rate, (n - end) / rate, tty ? "\033[K" : "\n");  // \033[K: clear the rest
+        fprintf(stderr, "%s[ppl: %ld/%ld tokens, running ppl %.4f, %.0f s left, %.1f tok/s]%s", tty ? "\r" : "",
+                end, n, exp(nll / scored), (n - end) / rate, rate, tty ? "\033[K" : "\n");  // \033[K: clear the rest
     }
     if (tty) fputc('\n', stderr);
     if (interrupted) fprintf(stderr, "[ppl: interrupted: the result of the first %ld of %ld tokens]\n", end, n);
