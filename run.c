@@ -11,7 +11,9 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -27,7 +29,7 @@
 #endif
 #include "tokenizer.h"
 
-static void die(const char* fmt, ...) {
+__attribute__((noreturn, format(printf, 1, 2))) static void die(const char* fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     fputs("error: ", stderr);
@@ -42,6 +44,14 @@ static void* xmalloc(size_t n, const char* what) {
     if (!p) die("out of memory allocating %zu MB for %s", n >> 20, what);
     return p;
 }
+
+static void* xrealloc(void* p, size_t n, const char* what) {
+    p = realloc(p, n);
+    if (!p) die("out of memory allocating %zu MB for %s", n >> 20, what);
+    return p;
+}
+
+static const char* plural(long n) { return n == 1 ? "" : "s"; }  // "1 token", "2 tokens"
 
 static double now_s(void) {
     struct timespec t;
@@ -58,6 +68,7 @@ static double now_s(void) {
 #define HEADER_BYTES 256
 #define ALIGN 256
 enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
+static const char* const WDTYPE_NAMES[] = {"fp32", "bf16", "fp16"};
 enum { FLAG_TIED = 1, FLAG_QK_NORM = 2, FLAG_QKV_BIAS = 4 };
 
 typedef struct {
@@ -143,6 +154,35 @@ static void check_config(const Config* c, const char* path, size_t actual_size) 
     if (actual_size != o.end) die("%s: file has %zu bytes but the header needs %zu (truncated or wrong file?)", path, actual_size, o.end);
 }
 
+// The cache holds k / k_scale and the attention multiplies its scores by k_scale: only a power of two
+// >= 1 leaves the math exact (and the cache finite).
+static void check_k_scale(const float* k_scale, int n_layers, const char* path) {
+    for (int l = 0; l < n_layers; l++) {
+        int exponent;
+        if (!(isfinite(k_scale[l]) && k_scale[l] >= 1 && frexpf(k_scale[l], &exponent) == 0.5f))
+            die("%s: layer %d's k_scale %g is not a power of two >= 1", path, l, k_scale[l]);
+    }
+}
+
+#ifdef USE_CUDA
+// The shapes the GPU kernels take, checked once at load, before anything is uploaded (the launchers
+// in the .cu files check them again, too late to name the field).
+static void check_gpu_shapes(const Config* c, const char* path) {
+    // decode attention, fused or not, is compiled for these head sizes (attention.cu, DISPATCH_HD);
+    // prefill attention's (even, <= 256: 8 dims per lane of one warp) contains them
+    int hd = c->head_dim;
+    if (hd != 8 && hd != 16 && hd != 32 && hd != 64 && hd != 128)
+        die("%s: head_dim %d: the GPU attention kernels take 8, 16, 32, 64 or 128", path, hd);
+    // the prefill matrix products (matmul.cu) read 16-byte chunks of 8 weights, each wholly inside a
+    // row, and store output rows in pairs: rows and columns are multiples of 8. Their matrices are
+    // (qkv_dim, dim), (dim, q_dim), (2 hidden_dim, dim), (dim, hidden_dim) and (vocab_size, dim); q_dim
+    // and kv_dim are multiples of head_dim. SwiGLU's 16-byte loads need hidden_dim % 4 (matmul.cu): implied.
+    if (c->dim % 8) die("%s: dim %d: the GPU matrix products need a multiple of 8", path, c->dim);
+    if (c->hidden_dim % 8) die("%s: hidden_dim %d: the GPU matrix products need a multiple of 8", path, c->hidden_dim);
+    if (c->vocab_size % 8) die("%s: vocab_size %d: the GPU matrix products need a multiple of 8", path, c->vocab_size);
+}
+#endif
+
 // ----------------------------------------------------------------------------
 // The model as the CPU reference sees it: the vectors as float32, the matrices in the file's dtype,
 // both read in place from the mapped checkpoint.
@@ -206,12 +246,27 @@ static void load_checkpoint(Model* m, const char* path) {
     memcpy(&m->config, m->file, sizeof(Config));
     check_config(&m->config, path, m->file_size);
     m->at = layout(&m->config);
+    check_k_scale((const float*)(m->file + m->at.k_scale), m->config.n_layers, path);
+#ifdef USE_CUDA
+    check_gpu_shapes(&m->config, path);
+#endif
 }
 
 static int argmax(const float* v, int n) {  // the lowest index on ties, as torch.argmax
     int best = 0;
     for (int i = 1; i < n; i++) if (v[i] > v[best]) best = i;
     return best;
+}
+
+static int all_finite(const float* v, size_t n) {
+    for (size_t i = 0; i < n; i++) if (!isfinite(v[i])) return 0;
+    return 1;
+}
+
+// NaN or inf logits have no argmax and no distribution to sample: stop rather than emit garbage.
+static void die_not_finite(int pos) {
+    die("the logits at position %d are not finite (NaN or inf): the checkpoint holds NaN or inf, "
+        "or an activation overflowed", pos);
 }
 
 #ifndef USE_CUDA  // the CPU reference: runcpu only
@@ -443,6 +498,15 @@ static void* gpu_alloc(size_t bytes, const char* what) {
     return p;
 }
 
+// Without a usable GPU every CUDA call would fail: say so once, before the model loads.
+static void require_gpu(void) {
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0)
+        die("no CUDA GPU (%s): ./run needs an NVIDIA GPU; ./runcpu runs on the CPU",
+            e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+}
+
 static void init_gpu(Model* m, int kv_dtype, int fused) {
     Config* c = &m->config;
     struct Gpu* g = m->gpu = xmalloc(sizeof(struct Gpu), "GPU state");
@@ -548,7 +612,8 @@ static void enqueue_step(Model* m) {
     CUDA_CHECK(cudaMemcpyAsync(g->host_io + 2, g->io + 2, sizeof(int), cudaMemcpyDeviceToHost, st));
 }
 
-// The last position's logits (when the caller reads them) and their argmax, to the host.
+// The last position's logits (when the caller reads them) and their argmax, to the host. The argmax
+// is -1 when a logit is NaN or inf (argmax_gpu).
 static float* finish_gpu(Model* m) {
     struct Gpu* g = m->gpu;
     if (m->need_logits)
@@ -572,7 +637,9 @@ static float* forward_gpu(Model* m, int token, int pos) {
     g->host_io[0] = token;
     g->host_io[1] = pos;
     CUDA_CHECK(cudaGraphLaunch(g->step, g->stream));
-    return finish_gpu(m);
+    float* logits = finish_gpu(m);
+    if (m->next_greedy < 0) die_not_finite(pos);
+    return logits;
 }
 
 // Prefill: n <= PREFILL_CHUNK tokens at positions pos.. in one pass, every product a matrix product
@@ -621,19 +688,32 @@ static double forward_batch_gpu(Model* m, const int* ids, int n, int pos, float*
     if (targets) CUDA_CHECK(cudaMemcpyAsync(nll, g->bnll, n * sizeof(float), cudaMemcpyDeviceToHost, st));
     finish_gpu(m);
     double sum = 0;
-    for (int t = 0; targets && t < n; t++) sum += nll[t];
+    for (int t = 0; t < n; t++) {  // NaN or inf in what the caller reads: the first position that has them
+        if ((all_logits && !all_finite(all_logits + (size_t)t * V, V)) || (targets && !isfinite(nll[t])) ||
+            (t == n - 1 && m->next_greedy < 0))
+            die_not_finite(pos + t);
+        if (targets) sum += nll[t];
+    }
     free(nll);
     return sum;
 }
 #endif
 
+// Token ids index the embedding and the logits: an id from a tokenizer that is not the model's, or a
+// bad ids file, stops here.
+static void check_id(const Model* m, int id, long pos) {
+    if (id < 0 || id >= m->config.vocab_size)
+        die("token id %d at position %ld is outside the model's vocabulary [0, %d)", id, pos, m->config.vocab_size);
+}
+
 static float* forward(Model* m, int token, int pos) {
-    if (token < 0 || token >= m->config.vocab_size) die("token id %d is outside the vocabulary [0, %d)", token, m->config.vocab_size);
+    check_id(m, token, pos);
     if (pos >= m->seq_len) die("position %d is past the context length %d", pos, m->seq_len);
 #ifdef USE_CUDA
     return forward_gpu(m, token, pos);
 #else
     float* logits = forward_cpu(m, token, pos);
+    if (!all_finite(logits, m->config.vocab_size)) die_not_finite(pos);
     m->next_greedy = argmax(logits, m->config.vocab_size);
     return logits;
 #endif
@@ -643,8 +723,10 @@ static float* forward(Model* m, int token, int pos) {
 // position. all_logits (n, vocab_size), if given, receives every position's logits; with targets
 // (n), returns the summed -log p(targets[i] | ids up to i). The GPU runs this batched.
 static double feed(Model* m, const int* ids, long n, int pos, float* all_logits, const int* targets) {
-    for (long i = 0; i < n; i++)
-        if (ids[i] < 0 || ids[i] >= m->config.vocab_size) die("token id %d is outside the vocabulary [0, %d)", ids[i], m->config.vocab_size);
+    for (long i = 0; i < n; i++) {
+        check_id(m, ids[i], pos + i);
+        if (targets) check_id(m, targets[i], pos + i + 1);  // the token that follows position pos + i
+    }
     if (pos + n > m->seq_len) die("%ld tokens at position %d pass the context length %d", n, pos, m->seq_len);
     size_t V = m->config.vocab_size;
     double nll = 0;
@@ -701,17 +783,19 @@ static int by_prob_desc(const void* a, const void* b) {
 
 // Hugging Face's order: temperature, top-k, top-p (over what top-k left, renormalised), min-p.
 static int sample(Sampler* s, const float* logits, int n) {
-    if (s->temperature == 0.0f) return argmax(logits, n);
-    float max = logits[argmax(logits, n)];
+    int top = argmax(logits, n);
+    if (s->temperature == 0.0f) return top;
+    float max = logits[top];
     double sum = 0;
     for (int i = 0; i < n; i++) sum += expf((logits[i] - max) / s->temperature);
     // Tokens below this probability can be in no top-p nucleus (they sum to at most 1 - top_p)
-    // and fall to min-p too: drop them before sorting.
+    // and fall to min-p too: drop them before sorting. The top token stays whatever the rounding
+    // (every filter keeps it), so there is always a candidate.
     float cutoff = fmaxf(s->top_p < 1.0f ? (1.0f - s->top_p) / (n - 1) : 0.0f, s->min_p / (float)sum);
     int kept = 0;
     for (int i = 0; i < n; i++) {
         float p = expf((logits[i] - max) / s->temperature) / (float)sum;
-        if (p >= cutoff) s->candidates[kept++] = (Candidate){p, i};
+        if (p >= cutoff || i == top) s->candidates[kept++] = (Candidate){p, i};
     }
     qsort(s->candidates, kept, sizeof(Candidate), by_prob_desc);
     if (s->top_k > 0 && s->top_k < kept) kept = s->top_k;
@@ -736,15 +820,24 @@ static int sample(Sampler* s, const float* logits, int n) {
 // ----------------------------------------------------------------------------
 // Text in and out
 
+// The whole of a file, a pipe or a FIFO, or stdin for "-", NUL-terminated.
 static char* read_file(const char* path, size_t* len) {
-    FILE* f = fopen(path, "rb");
+    int from_stdin = !strcmp(path, "-");
+    FILE* f = from_stdin ? stdin : fopen(path, "rb");
     if (!f) die("%s: %s", path, strerror(errno));
     struct stat st;
-    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) die("%s: not a regular file", path);
-    char* buf = xmalloc(st.st_size + 1, path);
-    *len = fread(buf, 1, st.st_size, f);
-    if (*len != (size_t)st.st_size) die("%s: read failed", path);
-    fclose(f);
+    if (fstat(fileno(f), &st) != 0) die("%s: %s", path, strerror(errno));
+    if (S_ISDIR(st.st_mode)) die("%s: is a directory", path);
+    size_t cap = S_ISREG(st.st_mode) ? (size_t)st.st_size + 1 : 1 << 16, n = 0, got;
+    char* buf = xmalloc(cap, path);
+    while ((got = fread(buf + n, 1, cap - 1 - n, f)) > 0) {  // to the end: a pipe's size is not known
+        n += got;
+        if (n == cap - 1) buf = xrealloc(buf, cap *= 2, path);
+    }
+    if (ferror(f)) die("%s: read failed: %s", path, strerror(errno));
+    if (!from_stdin) fclose(f);
+    buf[n] = 0;
+    *len = n;
     return buf;
 }
 
@@ -756,6 +849,27 @@ static int* encode_or_die(const Tokenizer* t, const char* text, size_t len, long
     return ids;
 }
 
+// The whitespace-separated token ids of a file (logits mode). Their range needs the model's vocabulary:
+// feed() checks it.
+static int* parse_ids(const char* text, size_t len, const char* path, long* n) {
+    int* ids = xmalloc((len / 2 + 1) * sizeof(int), "token ids");  // ids are separated: <= len/2 + 1
+    *n = 0;
+    for (const char* p = text; *p;) {
+        if (isspace((unsigned char)*p)) { p++; continue; }
+        char* end;
+        errno = 0;
+        long id = strtol(p, &end, 10);
+        if (end == p || (*end && !isspace((unsigned char)*end)) || errno || id != (int)id) {
+            int width = (int)strcspn(p, " \t\n\v\f\r");
+            die("%s: token %ld (\"%.*s\") is not a token id", path, *n, width < 24 ? width : 24, p);
+        }
+        ids[(*n)++] = (int)id;
+        p = end;
+    }
+    if (*n == 0) die("%s: no token ids", path);
+    return ids;
+}
+
 static void print_token(const Tokenizer* t, Utf8Stream* out, int id) {
     size_t len;
     const char* piece = tokenizer_piece(t, id, &len);
@@ -763,14 +877,17 @@ static void print_token(const Tokenizer* t, Utf8Stream* out, int id) {
     fflush(stdout);
 }
 
+enum { GENERATE, CHAT, PPL, TOKENIZE, LOGITS };  // -m, in the order of MODE_NAMES
+static const char* const MODE_NAMES[] = {"generate", "chat", "ppl", "tokenize", "logits"};
+
 typedef struct {
     const char* checkpoint;
     const char* tokenizer;  // -z
-    const char* mode;       // -m generate | chat | ppl | tokenize | logits
     const char* prompt;     // -i
     const char* system;     // -y
     const char* file;       // -f
     const char* output;     // -o
+    int mode;               // -m
     int steps;              // -n
     int context;            // -c
     int thinking;           // -r
@@ -790,8 +907,17 @@ static void print_ids(const char* label, const int* ids, long n) {
     fputc('\n', stderr);
 }
 
+// Feeds a prompt at positions pos.. and reports its speed. Returns the next free position.
+static int prefill(Model* m, const int* ids, long n, int pos) {
+    double start = now_s();
+    feed(m, ids, n, pos, NULL, NULL);
+    double dt = now_s() - start;
+    fprintf(stderr, "[prefill: %ld token%s, %.1f tok/s, %.2f ms]\n", n, plural(n), n / (dt > 0 ? dt : 1e-9), dt * 1e3);
+    return pos + (int)n;
+}
+
 // Samples up to `steps` tokens after the last logits (the prediction for position pos), streaming
-// them; stops before a stop token, which is not fed. Returns the next free position.
+// them, then a newline; stops before a stop token, which is not fed. Returns the next free position.
 static int reply(Model* m, const Tokenizer* t, Sampler* s, int pos, int steps, int verbose) {
     Utf8Stream out = {0};
     double start = 0;
@@ -806,38 +932,42 @@ static int reply(Model* m, const Tokenizer* t, Sampler* s, int pos, int steps, i
         if (generated == 1) start = now_s();  // steady state: after the first step's one-time setup
     }
     utf8_stream_flush(&out, stdout);
+    putchar('\n');  // replies read from a pipe stay apart, and the output ends its line
+    fflush(stdout);
     if (verbose && generated) fputc('\n', stderr);
-    double dt = now_s() - start;
-    if (generated > 1) fprintf(stderr, "\n[decode: %d tokens, %.1f tok/s]\n", generated, (generated - 1) / dt);
+    if (generated > 1) fprintf(stderr, "[decode: %d tokens, %.1f tok/s]\n", generated, (generated - 1) / (now_s() - start));
+    if (pos >= m->seq_len) fprintf(stderr, "[stopped: the context (%d tokens) is full]\n", m->seq_len);
     return pos;
 }
 
-static void generate(Model* m, const Tokenizer* t, Sampler* s, const Options* o) {
-    if (!o->prompt || !*o->prompt) die("generate needs a prompt: -i \"text\"");
-    long n;
-    int* ids = encode_or_die(t, o->prompt, strlen(o->prompt), &n, "the prompt");
-    if (n >= m->seq_len) die("the prompt has %ld tokens; the context holds %d (raise -c)", n, m->seq_len);
+static void generate(Model* m, const Tokenizer* t, Sampler* s, const Options* o, const int* ids, long n) {
+    if (n >= m->seq_len) die("the prompt has %ld token%s; the context holds %d (raise -c)", n, plural(n), m->seq_len);
     if (o->verbose) print_ids("prompt ids", ids, n);
-    double start = now_s();
-    feed(m, ids, n, 0, NULL, NULL);
-    double dt = now_s() - start;
-    fprintf(stderr, "[prefill: %ld tokens, %.1f tok/s, %.2f ms]\n", n, n / (dt > 0 ? dt : 1e-9), dt * 1e3);
-    reply(m, t, s, (int)n, o->steps ? o->steps : m->seq_len, o->verbose);
-    free(ids);
+    int pos = prefill(m, ids, n, 0);
+    reply(m, t, s, pos, o->steps ? o->steps : m->seq_len, o->verbose);
 }
 
-// Qwen3's chat template, turn by turn: the cache keeps every earlier turn as it was generated.
+// The next line of stdin that is not empty (an empty line sends nothing), of any length, without its
+// newline; NULL at the end of the input.
+static const char* read_message(char** line, size_t* cap) {
+    for (;;) {
+        if (isatty(STDIN_FILENO)) fprintf(stderr, "> ");
+        ssize_t got = getline(line, cap, stdin);
+        if (got < 0) return NULL;
+        if (got > 0 && (*line)[got - 1] == '\n') (*line)[--got] = 0;
+        if (got > 0) return *line;
+    }
+}
+
+// Qwen3's chat template, turn by turn: the cache keeps every earlier turn as it was generated. The
+// messages are -i, then the lines of stdin. A full context ends the conversation.
 static void chat(Model* m, const Tokenizer* t, Sampler* s, const Options* o) {
-    static char line[65536];
+    char* line = NULL;
+    size_t line_cap = 0;
     int pos = 0, steps = o->steps ? o->steps : m->seq_len;
     for (int turn = 0;; turn++) {
-        const char* user = turn == 0 && o->prompt ? o->prompt : NULL;
-        if (!user) {
-            if (isatty(STDIN_FILENO)) fprintf(stderr, "> ");
-            if (!fgets(line, sizeof line, stdin)) break;
-            line[strcspn(line, "\n")] = 0;
-            user = line;
-        }
+        const char* user = turn == 0 && o->prompt ? o->prompt : read_message(&line, &line_cap);
+        if (!user) break;
         size_t cap = strlen(user) + (o->system ? strlen(o->system) : 0) + 256;
         char* text = xmalloc(cap, "the chat prompt");
         if (turn > 0) strcat(text, "<|im_end|>\n");  // closes the previous reply
@@ -847,46 +977,54 @@ static void chat(Model* m, const Tokenizer* t, Sampler* s, const Options* o) {
                  user, o->thinking ? "" : "<think>\n\n</think>\n\n");
         long n;
         int* ids = encode_or_die(t, text, strlen(text), &n, "the message");
-        if (pos + n >= m->seq_len) die("the conversation needs %ld tokens; the context holds %d (raise -c)", pos + n, m->seq_len);
-        if (o->verbose) print_ids("prompt ids", ids, n);
-        feed(m, ids, n, pos, NULL, NULL);
-        pos = reply(m, t, s, pos + (int)n, steps, o->verbose);
-        free(ids);
         free(text);
-        if (pos >= m->seq_len) { fprintf(stderr, "[the context is full]\n"); break; }
+        if (pos + n >= m->seq_len) {
+            if (turn == 0) die("the first message needs %ld tokens; the context holds %d (raise -c)", n, m->seq_len);
+            fprintf(stderr, "[the context is full: the message needs %ld token%s, %d of %d are left; "
+                    "the conversation ends (raise -c)]\n", n, plural(n), m->seq_len - pos, m->seq_len);
+            free(ids);
+            break;
+        }
+        if (o->verbose) print_ids("prompt ids", ids, n);
+        pos = reply(m, t, s, prefill(m, ids, n, pos), steps, o->verbose);
+        free(ids);
+        if (pos >= m->seq_len) break;  // reply() said so
     }
+    free(line);
 }
 
-// Perplexity: the file's tokens in consecutive windows of `context` tokens, no overlap, each
-// started with an empty cache; token j > 0 of a window is scored given tokens 0..j-1 of it.
-static void perplexity(Model* m, const Tokenizer* t, const Options* o) {
-    if (!o->file) die("ppl needs a text file: -f FILE");
-    size_t len;
-    char* text = read_file(o->file, &len);
-    long n;
-    int* ids = encode_or_die(t, text, len, &n, o->file);
-    if (n < 2) die("%s has %ld tokens; perplexity needs at least 2", o->file, n);
+static volatile sig_atomic_t interrupted;  // Ctrl-C during perplexity
+static void on_interrupt(int signal) { (void)signal; interrupted = 1; }
+
+// Perplexity: ids[0..n) in consecutive windows of seq_len tokens, no overlap, each started with an empty
+// cache; token j > 0 of a window is scored given tokens 0..j-1 of it. Ctrl-C stops after the current
+// window and prints the result so far; returns the exit status: 130 (128 + SIGINT) then, else 0.
+static int perplexity(Model* m, const int* ids, long n) {
+    struct sigaction ctrl_c = {.sa_handler = on_interrupt, .sa_flags = SA_RESETHAND};  // a second one kills
+    sigemptyset(&ctrl_c.sa_mask);
+    sigaction(SIGINT, &ctrl_c, NULL);
+    int tty = isatty(STDERR_FILENO);  // progress on one updating line, else a line per window
     double nll = 0, start = now_s();
-    long scored = 0;
-    for (long w = 0; w + 1 < n; w += m->seq_len) {
-        long end = w + m->seq_len < n ? w + m->seq_len : n;
+    long scored = 0, end = 0;
+    for (long w = 0; w + 1 < n && !interrupted; w += m->seq_len) {
+        end = w + m->seq_len < n ? w + m->seq_len : n;
         nll += feed(m, ids + w, end - w - 1, 0, NULL, ids + w + 1);  // the last token only a target
         scored += end - w - 1;
-        fprintf(stderr, "[ppl: %ld/%ld tokens, running ppl %.4f, %.1f tok/s]\n", end, n,
-                exp(nll / scored), end / (now_s() - start));
+        double rate = end / (now_s() - start);
+        fprintf(stderr, "%s[ppl: %ld/%ld tokens, running ppl %.4f, %.0f s left, %.1f tok/s]%s", tty ? "\r" : "",
+                end, n, exp(nll / scored), (n - end) / rate, rate, tty ? "\033[K" : "\n");  // \033[K: clear the rest
     }
+    if (tty) fputc('\n', stderr);
+    if (interrupted) fprintf(stderr, "[ppl: interrupted: the result of the first %ld of %ld tokens]\n", end, n);
     printf("ppl %.6f nll %.8f tokens %ld\n", exp(nll / scored), nll / scored, scored);
-    free(ids);
-    free(text);
+    return interrupted ? 130 : 0;
 }
 
 static void tokenize(const Tokenizer* t, const Options* o) {
+    if (!o->file && !o->prompt) die("tokenize needs -f FILE or -i \"text\"");
     size_t len;
     char* text = o->file ? read_file(o->file, &len) : NULL;
-    if (!text) {
-        if (!o->prompt) die("tokenize needs -f FILE or -i \"text\"");
-        len = strlen(o->prompt);
-    }
+    if (!text) len = strlen(o->prompt);
     long n;
     int* ids = encode_or_die(t, text ? text : o->prompt, len, &n, o->file ? o->file : "the text");
     for (long i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
@@ -895,25 +1033,11 @@ static void tokenize(const Tokenizer* t, const Options* o) {
     free(text);
 }
 
-// Feeds the token ids of -f (whitespace-separated), then decodes -n more greedily, printing them;
-// with -o, writes the float32 logits of every position fed, (positions, vocab_size), for tests.
-static void logits_mode(Model* m, const Options* o) {
-    if (!o->file) die("logits needs -f IDS_FILE");
-    size_t len, V = m->config.vocab_size;
-    char* text = read_file(o->file, &len);
-    int* ids = xmalloc((len / 2 + 1) * sizeof(int), "token ids");  // ids are separated: <= len/2 + 1
-    long n = 0;
-    for (char* p = text; *p;) {
-        if (isspace((unsigned char)*p)) { p++; continue; }
-        char* end;
-        long id = strtol(p, &end, 10);
-        if (end == p || (*end && !isspace((unsigned char)*end)) || id < 0 || id >= (long)V)
-            die("%s: token %ld is not an id in [0, %zu)", o->file, n, V);
-        ids[n++] = (int)id;
-        p = end;
-    }
-    if (n == 0) die("%s: no token ids", o->file);
-    if (n + o->steps > m->seq_len) die("%s: %ld ids and -n %d need more than the context (%d; raise -c)", o->file, n, o->steps, m->seq_len);
+// Feeds the token ids of -f, then decodes -n more greedily, printing them; with -o, writes the float32
+// logits of every position fed, (positions, vocab_size), for tests.
+static void logits_mode(Model* m, const Options* o, const int* ids, long n) {
+    size_t V = m->config.vocab_size;
+    if (n + o->steps > m->seq_len) die("%s: %ld id%s and -n %d need more than the context (%d; raise -c)", o->file, n, plural(n), o->steps, m->seq_len);
     float* logits = o->output ? xmalloc((n + o->steps) * V * sizeof(float), "logits") : NULL;
     feed(m, ids, n, 0, logits, NULL);
     for (int i = 0; i < o->steps; i++) {
@@ -930,15 +1054,32 @@ static void logits_mode(Model* m, const Options* o) {
             die("%s: write failed", o->output);
     }
     free(logits);
-    free(ids);
+}
+
+// What a mode reads before the model loads, so that a missing prompt or file, or text that is not
+// UTF-8, fails at once: the token ids of the prompt (generate), of the text (ppl), of the file (logits).
+static int* read_input(const Options* o, const Tokenizer* t, long* n) {
+    *n = 0;
+    if (o->mode == CHAT) return NULL;
+    if (o->mode == GENERATE) {
+        if (!o->prompt || !*o->prompt) die("generate needs a prompt: -i \"text\"");
+        return encode_or_die(t, o->prompt, strlen(o->prompt), n, "the prompt");
+    }
+    if (!o->file) die("%s needs a file: -f FILE (- reads stdin)", MODE_NAMES[o->mode]);
+    size_t len;
+    char* text = read_file(o->file, &len);
+    int* ids = o->mode == PPL ? encode_or_die(t, text, len, n, o->file) : parse_ids(text, len, o->file, n);
     free(text);
+    if (o->mode == PPL && o->steps && o->steps < *n) *n = o->steps;  // -n: the first N tokens only
+    if (o->mode == PPL && *n < 2) die("%s: %ld token%s to score; perplexity needs at least 2", o->file, *n, plural(*n));
+    return ids;
 }
 
 // ----------------------------------------------------------------------------
 // Command line
 
 static void usage(void) {
-    fprintf(stderr,
+    printf(
         "usage: run model.bin [options]       (run -m tokenize needs no model)\n"
         "  -m MODE  generate (default) | chat | ppl | tokenize | logits\n"
         "  -i TEXT  prompt (generate), first message (chat), text (tokenize)\n"
@@ -946,16 +1087,17 @@ static void usage(void) {
         "  -r 0|1   thinking (default 1): sets the defaults T 0.6 / top-p 0.95 (1) or 0.7 / 0.8 (0)\n"
         "  -t T     temperature, 0 = greedy        -p P  top-p in (0, 1]\n"
         "  -k K     top-k, 0 = off (default 20)    -P P  min-p in [0, 1] (default 0)\n"
-        "  -s SEED  random seed (default: time)    -n N  tokens to generate per reply (0 = to the context end)\n"
+        "  -s SEED  random seed (default: time)\n"
+        "  -n N     tokens to generate per reply (default 0: to the context end); ppl: only the text's first N tokens\n"
         "  -c N     context length (default min(4096, the model's)); ppl: the window\n"
-        "  -f FILE  input file (ppl, tokenize: text; logits: token ids)\n"
+        "  -f FILE  input file, - for stdin (ppl, tokenize: text; logits: token ids)\n"
         "  -o FILE  logits: write every position's float32 logits here\n"
-        "  -z FILE  tokenizer (default tokenizer.bin)\n"
+        "  -z FILE  tokenizer (default: tokenizer.bin in the current directory, else beside the program)\n"
         "  -v 0|1   print the prompt's and the generated token ids to stderr\n"
         "  -a 0|1   GPU: one kernel per attention step (0, default: measured faster) or the fused kernel (1)\n"
         "  -e bf16|fp16  GPU: KV cache dtype (default bf16)\n"
-        "  -K 0|1   use the checkpoint's per-layer K scale (default 1; 0 shows why it exists)\n");
-    exit(1);
+        "  -K 0|1   use the checkpoint's per-layer K scale (default 1; 0 shows why it exists)\n"
+        "  -h       this help (also --help)\n");
 }
 
 static double parse_number(const char* flag, const char* s, double lo, double hi) {
@@ -966,8 +1108,26 @@ static double parse_number(const char* flag, const char* s, double lo, double hi
     return v;
 }
 
+// The default tokenizer: tokenizer.bin in the current directory, else beside the program, so that a
+// binary run from elsewhere finds the one it was built with.
+static const char* default_tokenizer(void) {
+    static char beside[PATH_MAX + sizeof "tokenizer.bin"];
+    if (access("tokenizer.bin", F_OK) == 0) return "tokenizer.bin";
+    ssize_t n = readlink("/proc/self/exe", beside, PATH_MAX);
+    char* slash = NULL;
+    if (n > 0 && n < PATH_MAX) {
+        beside[n] = 0;
+        slash = strrchr(beside, '/');
+    }
+    if (!slash) die("tokenizer.bin is not in the current directory: give its path with -z FILE");
+    strcpy(slash + 1, "tokenizer.bin");
+    if (access(beside, F_OK) == 0) return beside;
+    slash[1] = 0;
+    die("tokenizer.bin is neither in the current directory nor beside the program (%s): give its path with -z FILE", beside);
+}
+
 int main(int argc, char** argv) {
-    Options o = {.tokenizer = "tokenizer.bin", .mode = "generate", .thinking = 1, .use_k_scale = 1};
+    Options o = {.mode = GENERATE, .thinking = 1, .use_k_scale = 1};
     float temperature = -1, top_p = -1, min_p = 0;
     int top_k = 20;
     uint64_t seed = (uint64_t)time(NULL);
@@ -975,8 +1135,8 @@ int main(int argc, char** argv) {
     if (argc >= 2 && argv[1][0] != '-') o.checkpoint = argv[i++];
     for (; i < argc; i += 2) {
         const char* f = argv[i];
+        if (!strcmp(f, "-h") || !strcmp(f, "--help")) { usage(); return 0; }
         if (f[0] != '-' || !f[1] || f[2]) die("unknown argument %s (run with -h for help)", f);
-        if (f[1] == 'h') usage();
         if (i + 1 >= argc) die("%s needs a value", f);
         const char* v = argv[i + 1];
         switch (f[1]) {
@@ -1000,46 +1160,54 @@ int main(int argc, char** argv) {
             case 'f': o.file = v; break;
             case 'o': o.output = v; break;
             case 'z': o.tokenizer = v; break;
-            case 'm': o.mode = v; break;
+            case 'm':
+                o.mode = -1;
+                for (int j = 0; j < 5; j++) if (!strcmp(v, MODE_NAMES[j])) o.mode = j;
+                if (o.mode < 0) die("-m %s: expected generate, chat, ppl, tokenize or logits", v);
+                break;
             default: die("unknown flag %s (run with -h for help)", f);
         }
     }
-    const char* modes[] = {"generate", "chat", "ppl", "tokenize", "logits"};
-    int mode = -1;
-    for (int j = 0; j < 5; j++) if (!strcmp(o.mode, modes[j])) mode = j;
-    if (mode < 0) die("-m %s: expected generate, chat, ppl, tokenize or logits", o.mode);
     if (o.kv_dtype == 0) o.kv_dtype = 1;
     if (temperature < 0) temperature = o.thinking ? 0.6f : 0.7f;
     if (top_p < 0) top_p = o.thinking ? 0.95f : 0.8f;
 
+    // Everything that needs no model is checked before it loads.
     Tokenizer tokenizer;
-    if (mode != 4) tokenizer_load(&tokenizer, o.tokenizer);
-    if (mode == 3) { tokenize(&tokenizer, &o); tokenizer_free(&tokenizer); return 0; }
+    if (o.mode != LOGITS) tokenizer_load(&tokenizer, o.tokenizer ? o.tokenizer : default_tokenizer());
+    if (o.mode == TOKENIZE) { tokenize(&tokenizer, &o); tokenizer_free(&tokenizer); return 0; }
     if (!o.checkpoint) die("no model given: run model.bin [options] (-h for help)");
+    long n_ids;
+    int* ids = read_input(&o, &tokenizer, &n_ids);
+#ifdef USE_CUDA
+    require_gpu();
+#endif
 
     static Model m;
     double start = now_s();
     load_checkpoint(&m, o.checkpoint);
-    int max = m.config.max_seq_len;
-    if (o.context > max) die("-c %d: the model's context is %d", o.context, max);
-    m.seq_len = o.context ? o.context : (max < 4096 ? max : 4096);
+    Config* c = &m.config;
+    if (o.context > c->max_seq_len) die("-c %d: the model's context is %d", o.context, c->max_seq_len);
+    m.seq_len = o.context ? o.context : (c->max_seq_len < 4096 ? c->max_seq_len : 4096);
     m.use_k_scale = o.use_k_scale;
-    m.need_logits = temperature > 0 || mode == 2 || mode == 4;
+    m.need_logits = temperature > 0 || o.mode == PPL || o.mode == LOGITS;
 #ifdef USE_CUDA
     init_gpu(&m, o.kv_dtype == 1 ? DT_BF16 : DT_F16, o.fused);
 #else
     init_cpu(&m);
 #endif
-    fprintf(stderr, "[loaded %s in %.2f s: %d layers, dim %d, %d:%d heads, context %d]\n", o.checkpoint,
-            now_s() - start, m.config.n_layers, m.config.dim, m.config.n_heads, m.config.n_kv_heads, m.seq_len);
+    fprintf(stderr, "[loaded %s in %.2f s: %s, %d layers, dim %d, %d q / %d kv heads, vocab %d, context %d]\n",
+            o.checkpoint, now_s() - start, WDTYPE_NAMES[c->wdtype], c->n_layers, c->dim, c->n_heads, c->n_kv_heads,
+            c->vocab_size, m.seq_len);
 
     Sampler sampler = {temperature, top_p, min_p, top_k, splitmix64(seed) | 1, NULL};  // xorshift needs a nonzero state
-    sampler.candidates = xmalloc((size_t)m.config.vocab_size * sizeof(Candidate), "the sampler");
-    switch (mode) {
-        case 0: generate(&m, &tokenizer, &sampler, &o); break;
-        case 1: chat(&m, &tokenizer, &sampler, &o); break;
-        case 2: perplexity(&m, &tokenizer, &o); break;
-        case 4: logits_mode(&m, &o); break;
+    sampler.candidates = xmalloc((size_t)c->vocab_size * sizeof(Candidate), "the sampler");
+    int status = 0;
+    switch (o.mode) {
+        case GENERATE: generate(&m, &tokenizer, &sampler, &o, ids, n_ids); break;
+        case CHAT: chat(&m, &tokenizer, &sampler, &o); break;
+        case PPL: status = perplexity(&m, ids, n_ids); break;
+        case LOGITS: logits_mode(&m, &o, ids, n_ids); break;
     }
-    return 0;
+    return status;
 }
