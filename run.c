@@ -781,26 +781,37 @@ static int by_prob_desc(const void* a, const void* b) {
     return (pa < pb) - (pa > pb);
 }
 
+// Every token whose probability is >= cutoff, unsorted, and the top token whatever the rounding
+// (every filter keeps it, so there is always a candidate). Returns how many.
+static int collect(Sampler* s, const float* logits, int n, int top, float sum, float cutoff) {
+    int kept = 0;
+    for (int i = 0; i < n; i++) {
+        float p = expf((logits[i] - logits[top]) / s->temperature) / sum;
+        if (p >= cutoff || i == top) s->candidates[kept++] = (Candidate){p, i};
+    }
+    return kept;
+}
+
 // Hugging Face's order: temperature, top-k, top-p (over what top-k left, renormalised), min-p.
 static int sample(Sampler* s, const float* logits, int n) {
     int top = argmax(logits, n);
     if (s->temperature == 0.0f) return top;
-    float max = logits[top];
     double sum = 0;
-    for (int i = 0; i < n; i++) sum += expf((logits[i] - max) / s->temperature);
-    // Tokens below this probability can be in no top-p nucleus (they sum to at most 1 - top_p)
-    // and fall to min-p too: drop them before sorting. The top token stays whatever the rounding
-    // (every filter keeps it), so there is always a candidate.
-    float cutoff = fmaxf(s->top_p < 1.0f ? (1.0f - s->top_p) / (n - 1) : 0.0f, s->min_p / (float)sum);
-    int kept = 0;
-    for (int i = 0; i < n; i++) {
-        float p = expf((logits[i] - max) / s->temperature) / (float)sum;
-        if (p >= cutoff || i == top) s->candidates[kept++] = (Candidate){p, i};
-    }
+    for (int i = 0; i < n; i++) sum += expf((logits[i] - logits[top]) / s->temperature);
+    int top_k = s->top_k > 0 && s->top_k < n ? s->top_k : n;
+    // Tokens below the cutoff can be in no top-p nucleus (together they hold less than 1 - top_p):
+    // skip them before sorting. Top-p renormalises over the top k, though: lower the cutoff until
+    // all k are in, or until any still missing is below 1e-30.
+    float cutoff = s->top_p < 1.0f ? (1.0f - s->top_p) / (n - 1) : 0.0f;
+    int kept = collect(s, logits, n, top, (float)sum, cutoff);
+    while (kept < top_k && top_k < n && cutoff > 1e-30f) kept = collect(s, logits, n, top, (float)sum, cutoff /= 1024);
     qsort(s->candidates, kept, sizeof(Candidate), by_prob_desc);
-    if (s->top_k > 0 && s->top_k < kept) kept = s->top_k;
-    double mass = 0, prefix = 0;
-    for (int i = 0; i < kept; i++) mass += s->candidates[i].p;
+    double mass = 1, prefix = 0;  // what top-k left: every token (the skipped ones too) unless it cut
+    if (top_k < n) {
+        if (kept > top_k) kept = top_k;
+        mass = 0;
+        for (int i = 0; i < kept; i++) mass += s->candidates[i].p;
+    }
     for (int i = 0; i < kept; i++) {
         prefix += s->candidates[i].p;
         if (prefix >= s->top_p * mass) { kept = i + 1; break; }
@@ -809,7 +820,7 @@ static int sample(Sampler* s, const float* logits, int n) {
     while (kept > 1 && s->candidates[kept - 1].p < floor) kept--;
     mass = 0;
     for (int i = 0; i < kept; i++) mass += s->candidates[i].p;
-    float r = random_f32(&s->rng) * (float)mass, cdf = 0;
+    double r = random_f32(&s->rng) * mass, cdf = 0;  // in double, as mass: the last cdf is mass exactly
     for (int i = 0; i < kept; i++) {
         cdf += s->candidates[i].p;
         if (r < cdf) return s->candidates[i].id;

@@ -65,7 +65,7 @@ def main():
         export = [sys.executable, os.path.join(ROOT, "export.py")]
         sh(export + [args.model_dir, model_bin] + (["--dtype", args.dtype] if args.dtype else []))
         sh(export + ["--tokenizer", os.path.join(args.model_dir, "tokenizer.json"), tokenizer_bin])
-        limit = ["-N", str(args.tokens)] if args.tokens else []
+        limit = ["-n", str(args.tokens)] if args.tokens else []
         fields = sh([args.binary, model_bin, "-m", "ppl", "-f", args.text, "-c", str(args.context),
                      "-z", tokenizer_bin, *limit]).split()
     ours, our_tokens = float(fields[3]), int(fields[5])

@@ -67,7 +67,7 @@ def test_demo_perplexity_matches_hf():
     windows = REF["ppl_windows"][:4] if UNDER_ASAN else REF["ppl_windows"]
     scored = sum(count for _, count in windows)
     hf_nll = sum(nll for nll, _ in windows) / scored
-    args = ["-N", str(scored + len(windows))] if UNDER_ASAN else []
+    args = ["-n", str(scored + len(windows))] if UNDER_ASAN else []
     rc, out, err = run([RUNCPU, demo_model(), "-m", "ppl", "-f", validation_text(), "-c", str(REF["context"]),
                         "-z", DEMO_TOKENIZER, *args], timeout=600)
     assert rc == 0, err

@@ -35,8 +35,10 @@ VOCAB, DIM = 64, 8
 LOGITS = np.concatenate([[4.0, 3.3, 2.7, 2.0, 1.4, 0.9, 0.4, 0.0, -0.4, -0.8, -1.2, -1.6],
                          -2.0 - 0.02 * np.arange(VOCAB - 12)])
 # (temperature, top_k, top_p, min_p): the filters that cut in each case, with HF's support sizes
-# 64 -> top-k -> top-p -> min-p: 64, 8, 8, 8 / 64, 9, 3, 3 / 64, 10, 6, 4
-CASES = [(1.5, 8, 1.0, 0.0), (1.5, 9, 0.7, 0.0), (1.5, 10, 0.9, 0.25)]
+# 64 -> top-k -> top-p -> min-p: 64, 8, 8, 8 / 64, 9, 3, 3 / 64, 10, 6, 4; the last two catch a top-p
+# that renormalised over only the tokens left after a probability cutoff (top-k off), and a min-p
+# applied before top-p (both in run.c until 2026-11-22)
+CASES = [(1.5, 8, 1.0, 0.0), (1.5, 9, 0.7, 0.0), (1.5, 10, 0.9, 0.25), (1.5, 0, 0.7, 0.0), (1.5, 20, 0.6, 0.1)]
 DRAWS = 4000  # per case; the context holds the prompt and every draw
 ALPHA = 1e-7  # p-value threshold per case
 
