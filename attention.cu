@@ -68,6 +68,10 @@ __device__ __forceinline__ float rescale_factor(float m, float m_new) {  // exp(
 // writes scratch partials ((head * n_chunks + chunk) * (HD + 2)): m, l, acc[HD].
 // Lane layout: a cache row is read by LPR = HD/8 lanes, 16 bytes each, so a warp reads RPW = 32/LPR
 // rows per load; each lane keeps the softmax state of its 8 dims for every served head.
+// The cache is read coherently (common.cuh, load16): in the fused kernel, row len - 1 was stored by
+// another block of the same launch before the grid.sync() that precedes this call, where the
+// read-only path (__ldg) is undefined. The unfused chunk kernel runs the same loads; a block reads
+// each of its rows once, so skipping L1 costs it nothing.
 template <typename KV, int HD, int G>
 __device__ void attend_chunk(AttendShared<HD, G>& sh, float* scratch, const float* q, const KV* k_cache,
                              const KV* v_cache, int kv_head, int subgroup, int chunk, int len,
@@ -103,8 +107,8 @@ __device__ void attend_chunk(AttendShared<HD, G>& sh, float* scratch, const floa
             const int r = base + u * RPW + row_in_load;
             valid[u] = r < end;
             const size_t off = ((size_t)r * n_kv_heads + kv_head) * HD + seg * 8;
-            kp[u] = valid[u] ? load_pack8(k_cache + off) : zero_pack8<KV>();
-            vp[u] = valid[u] ? load_pack8(v_cache + off) : zero_pack8<KV>();
+            kp[u] = valid[u] ? load_pack8<KV, true>(k_cache + off) : zero_pack8<KV>();
+            vp[u] = valid[u] ? load_pack8<KV, true>(v_cache + off) : zero_pack8<KV>();
         }
         // scores s[u][g] = q_g . k_row, summed over the row's LPR lanes
         float s[U][G];

@@ -42,17 +42,26 @@ template <> __device__ __forceinline__ __half from_float(float v) { return __flo
 template <typename T> struct Pack8 { uint4 bits; };
 template <> struct Pack8<float> { float4 lo, hi; };
 
-template <typename T>
+// Two ways to read global memory. Weights are read-only for every kernel and go through the
+// non-coherent read-only path (__ldg, ld.global.nc). That path is defined only for memory that no
+// thread writes while the kernel runs: the per-SM cache behind it is not kept coherent with
+// writes, so it may return what a line held before another block's store. The KV cache is
+// written and read by the same launch in the fused attention kernel (phase 2 stores row pos,
+// phase 3 reads rows 0..pos from other blocks after grid.sync()), so it is read COHERENT: __ldcg
+// (ld.global.cg) caches in L2 only, which is the point of coherence for global memory, and sees
+// every write that the grid-wide barrier ordered before it.
+template <bool COHERENT, typename V>
+__device__ __forceinline__ V load16(const V* p) { return COHERENT ? __ldcg(p) : __ldg(p); }
+
+template <typename T, bool COHERENT = false>
 __device__ __forceinline__ Pack8<T> load_pack8(const T* p) {  // p 16-byte aligned
     Pack8<T> r;
-    r.bits = __ldg(reinterpret_cast<const uint4*>(p));
-    return r;
-}
-template <>
-__device__ __forceinline__ Pack8<float> load_pack8(const float* p) {
-    Pack8<float> r;
-    r.lo = __ldg(reinterpret_cast<const float4*>(p));
-    r.hi = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    if constexpr (sizeof(T) == 4) {
+        r.lo = load16<COHERENT>(reinterpret_cast<const float4*>(p));
+        r.hi = load16<COHERENT>(reinterpret_cast<const float4*>(p) + 1);
+    } else {
+        r.bits = load16<COHERENT>(reinterpret_cast<const uint4*>(p));
+    }
     return r;
 }
 template <typename T> __device__ __forceinline__ Pack8<T> zero_pack8() { Pack8<T> r; r.bits = make_uint4(0, 0, 0, 0); return r; }
@@ -90,19 +99,24 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// Sum over the block (blockDim.x a multiple of 32); every thread gets the total. Safe to call
-// repeatedly: the trailing barrier keeps the next call from overwriting partials still being read.
-__device__ __forceinline__ float block_sum(float v) {
+// op (associative, commutative) over the block (blockDim.x a multiple of 32); every thread gets
+// the result. Safe to call repeatedly: the trailing barrier keeps the next call from overwriting
+// partials still being read.
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float v, Op op) {
     __shared__ float warp_partials[32];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-    v = warp_sum(v);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     if (lane == 0) warp_partials[warp] = v;
     __syncthreads();
-    float total = 0.f;
-    for (int w = 0; w < n_warps; w++) total += warp_partials[w];
+    float total = warp_partials[0];
+    for (int w = 1; w < n_warps; w++) total = op(total, warp_partials[w]);
     __syncthreads();
     return total;
 }
+__device__ __forceinline__ float block_sum(float v) { return block_reduce(v, [](float a, float b) { return a + b; }); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce(v, [](float a, float b) { return fmaxf(a, b); }); }
 
 // ---- matrix-vector rows -------------------------------------------------------------------------
 

@@ -38,9 +38,11 @@ void swiglu_matvec_gpu(float* h, const void* w_gate_up, int wdtype, const float*
 // x (n, dim) = embedding rows tokens[0..n)
 void embed_gpu(float* x, const void* embedding, int wdtype, const int* tokens, int n, int dim,
                cudaStream_t stream);
-// *out = argmax(logits[0..n)), the lowest index on ties. Uses module scratch: one stream at a time.
+// *out = argmax(logits[0..n)), the lowest index on ties; -1 if any logit is NaN or +-inf (the
+// caller reports it: the model diverged). n >= 1. Uses module scratch: one stream at a time.
 void argmax_gpu(int* out, const float* logits, int n, cudaStream_t stream);
-// nll[t] = logsumexp(logits[t]) - logits[t][targets[t]], for n rows of vocab logits
+// nll[t] = logsumexp(logits[t]) - logits[t][targets[t]], for n rows of vocab logits; NaN for a row
+// whose target is outside [0, vocab) or whose logits hold a NaN or +inf.
 void cross_entropy_gpu(float* nll, const float* logits, const int* targets, int n, int vocab,
                        cudaStream_t stream);
 

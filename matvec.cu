@@ -46,10 +46,13 @@ __global__ void embed_kernel(float* x, const W* embedding, const int* tokens, in
 }
 
 // argmax in two passes: ARGMAX_BLOCKS block maxima into these buffers, then one block over them.
+// A non-finite logit (NaN, +-inf) anywhere makes the result -1: a flag per thread, reduced with the
+// block barrier the reduction needs anyway (__syncthreads_or), so the check costs no extra pass.
 // The buffers are module state: argmax calls must not run concurrently on different streams.
 constexpr int ARGMAX_BLOCKS = 264, ARGMAX_THREADS = 1024;
 __device__ float argmax_block_value[ARGMAX_BLOCKS];
 __device__ int argmax_block_index[ARGMAX_BLOCKS];
+__device__ bool argmax_block_nonfinite[ARGMAX_BLOCKS];
 
 // Block-wide (value, index) max, lowest index on ties; the result is valid in thread 0.
 __device__ void block_argmax(float& v, int& idx) {
@@ -71,47 +74,54 @@ __device__ void block_argmax(float& v, int& idx) {
 __global__ void argmax_blocks_kernel(const float* logits, int n) {
     griddep_wait();
     float v = -INFINITY;
-    int idx = INT_MAX;  // loses every tie, so an all -inf input still yields its first index
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-        if (logits[i] > v || (logits[i] == v && i < idx)) { v = logits[i]; idx = i; }
+    int idx = INT_MAX;  // loses every tie with a real index
+    bool nonfinite = false;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float x = logits[i];
+        nonfinite |= !isfinite(x);
+        if (x > v || (x == v && i < idx)) { v = x; idx = i; }
+    }
+    nonfinite = __syncthreads_or(nonfinite);
     block_argmax(v, idx);
-    if (threadIdx.x == 0) { argmax_block_value[blockIdx.x] = v; argmax_block_index[blockIdx.x] = idx; }
+    if (threadIdx.x == 0) {
+        argmax_block_value[blockIdx.x] = v;
+        argmax_block_index[blockIdx.x] = idx;
+        argmax_block_nonfinite[blockIdx.x] = nonfinite;
+    }
 }
 
 __global__ void argmax_final_kernel(int* out, int n_blocks) {
     griddep_wait();
     float v = -INFINITY;
     int idx = INT_MAX;
-    if (threadIdx.x < n_blocks) { v = argmax_block_value[threadIdx.x]; idx = argmax_block_index[threadIdx.x]; }
+    bool nonfinite = false;
+    if (threadIdx.x < n_blocks) {
+        v = argmax_block_value[threadIdx.x];
+        idx = argmax_block_index[threadIdx.x];
+        nonfinite = argmax_block_nonfinite[threadIdx.x];
+    }
+    nonfinite = __syncthreads_or(nonfinite);
     block_argmax(v, idx);
-    if (threadIdx.x == 0) *out = idx == INT_MAX ? 0 : idx;  // INT_MAX: every logit was NaN
+    if (threadIdx.x == 0) *out = nonfinite ? -1 : idx;  // every logit finite: idx is a real index
 }
 
 // nll[t] = logsumexp(logits[t]) - logits[t][targets[t]]: one block per row, max then sum, in fp32
-// (the sum over up to 151936 terms each <= 1 is exact enough: relative 1e-7 per term).
+// (the sum over up to 151936 terms each <= 1 is exact enough: relative 1e-7 per term). A target
+// outside [0, vocab) gives NaN for its row rather than a read out of bounds; a NaN or +inf logit
+// makes the row NaN through the sum.
 constexpr int CE_THREADS = 1024;
 __global__ void cross_entropy_kernel(float* nll, const float* logits, const int* targets, int vocab) {
-    __shared__ float partial[32];
     const float* row = logits + (size_t)blockIdx.x * vocab;
-    auto block_reduce = [&](float v, bool is_max) {
-        for (int o = 16; o > 0; o >>= 1) {
-            const float other = __shfl_xor_sync(0xffffffffu, v, o);
-            v = is_max ? fmaxf(v, other) : v + other;
-        }
-        __syncthreads();  // partial[] may still be read from the previous reduction
-        if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
-        __syncthreads();
-        v = is_max ? -INFINITY : 0.f;
-        for (int w = 0; w < blockDim.x / 32; w++) v = is_max ? fmaxf(v, partial[w]) : v + partial[w];
-        return v;
-    };
     float max = -INFINITY;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) max = fmaxf(max, row[i]);
-    max = block_reduce(max, true);
+    max = block_max(max);
     float sum = 0.f;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) sum += expf(row[i] - max);
-    sum = block_reduce(sum, false);
-    if (threadIdx.x == 0) nll[blockIdx.x] = max + logf(sum) - row[targets[blockIdx.x]];
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) {
+        const int target = targets[blockIdx.x];
+        nll[blockIdx.x] = target >= 0 && target < vocab ? max + logf(sum) - row[target] : NAN;
+    }
 }
 
 // ---- launchers ------------------------------------------------------------------------------------
@@ -169,6 +179,10 @@ extern "C" void embed_gpu(float* x, const void* embedding, int wdtype, const int
 }
 
 extern "C" void argmax_gpu(int* out, const float* logits, int n, cudaStream_t stream) {
+    if (n < 1) {
+        fprintf(stderr, "error: argmax_gpu: %d logits\n", n);
+        exit(1);
+    }
     int blocks = (n + ARGMAX_THREADS - 1) / ARGMAX_THREADS;
     blocks = blocks < 1 ? 1 : blocks > ARGMAX_BLOCKS ? ARGMAX_BLOCKS : blocks;
     launch_pdl(argmax_blocks_kernel, blocks, ARGMAX_THREADS, 0, stream, logits, n);
