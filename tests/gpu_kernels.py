@@ -2,6 +2,9 @@
 
     python3 tests/gpu_kernels.py            all cases, then timings of the fused attention kernel
     python3 tests/gpu_kernels.py --quick    a few small cases (for compute-sanitizer runs)
+    KERNELS_LIB=other/libkernels.so python3 tests/gpu_kernels.py --quick
+                                            the same cases against another build of the kernels
+                                            (e.g. an older commit's, to see a new case fail there)
 
 Builds build/libkernels.so (make), loads it
 with ctypes, and calls the launchers on torch tensors (on torch's current stream). Inputs are fresh
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIB = os.path.join(ROOT, "build", "libkernels.so")
+LIB = os.environ.get("KERNELS_LIB") or os.path.join(ROOT, "build", "libkernels.so")
 QUICK = "--quick" in sys.argv
 
 DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -44,7 +47,8 @@ class AttentionLayer(ctypes.Structure):
                [("theta", ctypes.c_float), ("eps", ctypes.c_float)]
 
 
-build()
+if not os.environ.get("KERNELS_LIB"):
+    build()
 lib = ctypes.CDLL(LIB)
 P, I, Fl, S = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 lib.rmsnorm_gpu.argtypes = [P, P, P, I, I, Fl, S]
@@ -53,6 +57,7 @@ lib.matvec_gpu.argtypes = [P, P, I, P, P, I, I, I, S]
 lib.swiglu_matvec_gpu.argtypes = [P, P, I, P, I, I, S]
 lib.embed_gpu.argtypes = [P, P, I, P, I, I, S]
 lib.argmax_gpu.argtypes = [P, P, I, S]
+lib.cross_entropy_gpu.argtypes = [P, P, P, I, I, S]
 lib.attention_scratch_floats.argtypes = [I, I, I]
 lib.attention_scratch_floats.restype = ctypes.c_size_t
 lib.attention_gpu.argtypes = [P, P, P, P, I, P, I, I, I, I, Fl, P, S]
@@ -176,24 +181,82 @@ def test_swiglu():
         record(f"swiglu hidden={hidden} dim={dim}", NAME[dtype], out, ref, TOL_F32)
 
 
-def test_embed_argmax():
+def test_embed():
     for vocab, dim, dtype in [(151936, 1024, torch.bfloat16), (512, 16, torch.float32), (512, 64, torch.float16)]:
         emb = randn(vocab, dim, dtype=dtype)
         tok = vocab - 1 - int(torch.randint(0, 3, (1,)))
         out = nan_like((dim,))
         lib.embed_gpu(ptr(out), ptr(emb), DT[dtype], ptr(dev_int(tok)), 1, dim, stream())
         record(f"embed vocab={vocab} dim={dim} tok={tok}", NAME[dtype], out, emb[tok], 0.0)
+
+
+def check_index(case, got, want):
+    results.append((f"{case} ({got} vs {want})", "f32", 0.0 if got == want else 1.0, float(got != want), 0.0,
+                    got == want))
+
+
+def test_argmax():
+    """The lowest index among equal maxima (torch.argmax's rule), across blocks too; -1 as soon as one
+    logit is NaN, +inf or -inf, wherever it sits (first element, another block than the maximum)."""
+    def argmax(logits):
+        out = torch.full((1,), -7, dtype=torch.int32, device=dev)
+        lib.argmax_gpu(ptr(out), ptr(logits), logits.numel(), stream())
+        return int(out)
+
     for n, tie in [(151936, False), (151936, True), (7, True), (1000, False)]:
         logits = randn(n)
         if tie:  # equal maxima: the lowest index wins
             i, j = sorted(torch.randperm(n)[:2].tolist())
             logits[i] = logits[j] = logits.max() + 1
-        out = torch.full((1,), -1, dtype=torch.int32, device=dev)
-        lib.argmax_gpu(ptr(out), ptr(logits), n, stream())
-        ref = int(torch.argmax(logits))  # torch returns the first maximal index
-        got = int(out)
-        results.append((f"argmax n={n}{' tie' if tie else ''} ({got} vs {ref})", "f32", 0.0 if got == ref else 1.0,
-                        float(got != ref), 0.0, got == ref))
+        check_index(f"argmax n={n}{' tie' if tie else ''}", argmax(logits), int(torch.argmax(logits)))
+    check_index("argmax n=4096 all equal", argmax(torch.full((4096,), 2.5, device=dev)), 0)
+    signed_zeros = torch.zeros(3000, device=dev)
+    signed_zeros[:1500] = -0.0  # -0 == +0: a tie, so index 0
+    check_index("argmax n=3000 -0.0 then +0.0", argmax(signed_zeros), 0)
+    for n in (151936, 4096, 7):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for where in ("first", "last", "random"):
+                logits = randn(n)
+                i = {"first": 0, "last": n - 1, "random": int(torch.randint(0, n, (1,)))}[where]
+                logits[i] = bad
+                check_index(f"argmax n={n} {bad} at {where} index {i}: -1", argmax(logits), -1)
+
+
+def test_cross_entropy():
+    """cross_entropy_gpu against float64 log-softmax minus the target logit on the same fp32 logits.
+    The kernel computes (max + log(sum exp(x - max))) - x[target] in fp32. Each of the two additions
+    rounds once at the magnitude of its result, and log(sum) carries the sum's relative error, in
+    units of 2^-24: the rounding of x - max (at most |x - max|, and terms with x - max < -30 weigh
+    nothing), 4 for expf (2 ulp), vocab/1024 for the terms one thread adds in turn, 10 for the tree
+    over the threads. So a row is within 2^-24 (|max| + log(vocab) + |nll| + vocab/1024 + 50); we
+    allow twice that. A target outside [0, vocab) must give NaN (outputs are poisoned with a finite
+    value first, so an unwritten row fails)."""
+    for vocab in (4096, 151936, 1000):
+        scales = [1.0, 10.0, 100.0, 3000.0, 3.0, 30.0]  # logits up to ~1.5e4 in magnitude
+        logits = torch.stack([randn(vocab, scale=sc) for sc in scales])
+        logits[4, int(torch.randint(0, vocab, (1,)))] = 80.0  # one peaked row
+        targets = torch.randint(0, vocab, (len(scales),), dtype=torch.int32, device=dev)
+        targets[1] = int(logits[1].argmax())  # the most likely token: nll near 0 next to a max of ~45
+        targets[3] = int(logits[3].argmin())  # the least likely: nll ~2e4
+        ref = torch.logsumexp(logits.double(), 1) - logits.double().gather(1, targets[:, None].long())[:, 0]
+        nll = torch.full((len(scales),), 12345.0, device=dev)
+        lib.cross_entropy_gpu(ptr(nll), ptr(logits), ptr(targets), len(scales), vocab, stream())
+        bound = 2 * 2.0 ** -24 * (logits.double().abs().max(1).values + math.log(vocab) + ref.abs() + vocab / 1024 + 50)
+        err = (nll.double() - ref).abs()
+        ratio = float((err / bound).max()) if bool(torch.isfinite(nll).all()) else float("inf")
+        results.append((f"cross_entropy vocab={vocab} rows={len(scales)} logits up to {float(logits.abs().max()):.0f} "
+                        f"(per-row bound, worst err/bound {ratio:.2f})", "f32",
+                        float((nll.double() - ref).norm() / ref.norm()), float(err.max()), float(bound.max()), ratio <= 1))
+        bad = logits[:4].clone()
+        bad[3, 7] = float("nan")
+        bad_targets = torch.tensor([vocab, 5, -1, 9], dtype=torch.int32, device=dev)  # row 3: a NaN logit
+        out = torch.full((4,), 12345.0, device=dev)
+        lib.cross_entropy_gpu(ptr(out), ptr(bad), ptr(bad_targets), 4, vocab, stream())
+        want = torch.logsumexp(bad[1].double(), 0) - bad[1, 5].double()
+        nan = torch.isnan(out).tolist()
+        ok = nan == [True, False, True, True] and abs(float(out[1]) - float(want)) <= 1e-3 * (1 + abs(float(want)))
+        results.append((f"cross_entropy vocab={vocab} targets {vocab}, -1 and a NaN logit -> NaN, others kept "
+                        f"({[round(float(v), 3) for v in out]})", "f32", 0.0 if ok else 1.0, 0.0, 0.0, ok))
 
 
 # ---- q/k norm + RoPE + cache store ----------------------------------------------------------------
@@ -437,8 +500,8 @@ def median_us(fn, reps=50):
 
 def main():
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    for test in (test_rmsnorm, test_matvec, test_swiglu, test_embed_argmax, test_qk_norm_rope, test_attention_seeds,
-                 test_fused):
+    for test in (test_rmsnorm, test_matvec, test_swiglu, test_embed, test_argmax, test_cross_entropy, test_qk_norm_rope,
+                 test_attention_seeds, test_fused):
         test()
         torch.cuda.synchronize()
     report = []
