@@ -67,7 +67,7 @@ def main():
         if not os.path.exists(path):
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from gpu_parity import build  # noqa: E402  (builds and saves the same seeded model)
-            build("qwen3-0.6b", 10)
+            build("qwen3-0.6b", 10, path)
         run([sys.executable, "export.py", path, checkpoint, "--dtype", "bf16"])
     tok = AutoTokenizer.from_pretrained(tok_dir)
     text = open(text_file, encoding="utf-8").read()
