@@ -1,51 +1,106 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one call: build, kernel checks, parity with Hugging Face,
-# compute-sanitizer, benchmark. Run from the repo root on the GPU machine with .gpu/ holding
-# tokenizer.json, tokenizer_config.json and tinyshakespeare.txt (copied from ../shared):
-#     bash tests/gpu.sh [kernels] [prefill] [parity] [sanitizer] [bench]     (default: all)
-# `ab` times decode of ./run against .gpu/run-base, another build (e.g. of main) carried along.
-# Logs go to $OUT (or /tmp/gpu-out); the tables are printed last.
+# compute-sanitizer, benchmark. Run from the repo root on the GPU machine (torch, transformers):
+#     bash tests/gpu.sh [kernels | kernels-quick] [prefill] [parity] [sanitizer] [bench]
+# (default: kernels prefill parity sanitizer bench). `ab` times decode of ./run against
+# .gpu/run-base, another build (e.g. of main) carried along. Text and tokenizer come from data/
+# (tinyshakespeare and Qwen3's tokenizer files, xz), decompressed into the work folder. Logs go to
+# $OUT (or /tmp/gpu-out); the tables are printed last, then one line per step. Under a time limit,
+# `timeout -s INT SECONDS bash tests/gpu.sh ...` still prints them for the steps that ran.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 WORK=/tmp/gpu-work
-mkdir -p "$OUT" "$WORK"
+mkdir -p "$OUT" "$WORK/qwen3-tokenizer"
 export PYTHONUNBUFFERED=1
 steps=${*:-kernels prefill parity sanitizer bench}
-status=0
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
-make -s -j4 run runcpu build/libkernels.so >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+names=() statuses=() seconds=() details=()
+current="" step_start=$SECONDS
 
-step() {  # name, command...: runs it, logs it, keeps its exit status
-    local name=$1; shift
-    echo "== $name"
-    "$@" 2>&1 | tee "$OUT/$name.log"
-    local rc=${PIPESTATUS[0]}
-    [ "$rc" = 0 ] || { echo "== $name FAILED ($rc)"; status=1; }
+record() {  # name, exit status, seconds, the log line that sums the step up
+    names+=("$1"); statuses+=("$([ "$2" = 0 ] && echo ok || echo "FAILED ($2)")"); seconds+=("$3"); details+=("$4")
 }
+
+step() {  # name, pattern of its summary line, command...: runs it, logs it, records it
+    local name=$1 pattern=$2; shift 2
+    echo "== $name"
+    current=$name step_start=$SECONDS
+    "$@" 2>&1 | tee -i "$OUT/$name.log"  # -i: a time limit's SIGINT leaves the last lines to the log
+    local rc=${PIPESTATUS[0]}
+    current=""
+    [ "$rc" = 0 ] || echo "== $name FAILED ($rc)"
+    record "$name" "$rc" $((SECONDS - step_start)) "$(grep -E "$pattern" "$OUT/$name.log" | tail -n 1 | cut -c1-150)"
+}
+
+unpack() {  # data/NAME, or data/NAME.xz decompressed, to $WORK/NAME
+    if [ -f "data/$1" ]; then cp "data/$1" "$WORK/$1"
+    else python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "data/$1.xz" "$WORK/$1"; fi
+}
+
+summary() {  # the tables: failing kernel cases, the parity table, the benchmark table, one line per step
+    echo
+    for f in kernels kernels-quick prefill; do
+        [ -f "$OUT/$f.log" ] && grep -E 'FAIL' "$OUT/$f.log" | grep -v '^== ' | sed "s/^/$f: /"
+    done
+    [ -f "$OUT/parity.log" ] && sed -n '/^model  *| run /,$p' "$OUT/parity.log"
+    [ -f "$OUT/bench.log" ] && sed -n '/^$/,$p' "$OUT/bench.log" | tail -n 20
+    [ -f "$OUT/ab.log" ] && sed -n '/^$/,$p' "$OUT/ab.log" | tail -n 8
+    echo
+    echo "$gpu, commit $commit, $(date -u +%Y-%m-%d)"
+    local status=0
+    printf '%-22s | %-12s | %6s | %s\n' step result time summary
+    for i in "${!names[@]}"; do
+        printf '%-22s | %-12s | %5ss | %s\n' "${names[$i]}" "${statuses[$i]}" "${seconds[$i]}" "${details[$i]}"
+        [ "${statuses[$i]}" = ok ] || status=1
+    done
+    return $status
+}
+
+interrupted() {  # the time limit: record the step it stopped, print what ran
+    [ -n "$current" ] && record "$current" 130 $((SECONDS - step_start)) "interrupted (time limit)"
+    summary
+    exit 1
+}
+
+gpu=$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt")
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo "no git")
+start=$SECONDS
+make -s -j"$(nproc)" run runcpu build/libkernels.so >"$OUT/build.log" 2>&1
+rc=$?
+record build "$rc" $((SECONDS - start)) "make -j$(nproc) run runcpu build/libkernels.so"
+[ "$rc" = 0 ] || { tail -30 "$OUT/build.log"; exit 1; }
+for f in tinyshakespeare.txt qwen3-tokenizer/tokenizer.json qwen3-tokenizer/tokenizer_config.json; do
+    unpack "$f" || { echo "error: cannot unpack data/$f into $WORK"; exit 1; }
+done
+text=$WORK/tinyshakespeare.txt tokenizer=$WORK/qwen3-tokenizer
+trap interrupted INT TERM
 
 for s in $steps; do
     case $s in
-    kernels) step kernels python3 tests/gpu_kernels.py ;;
-    kernels-quick) step kernels python3 tests/gpu_kernels.py --quick ;;
-    prefill) step prefill python3 tests/gpu_prefill.py ;;
-    parity) step parity python3 tests/gpu_parity.py "$WORK" .gpu/tinyshakespeare.txt .gpu ;;
+    kernels) step kernels '^[0-9]+/[0-9]+ passed' python3 tests/gpu_kernels.py ;;
+    kernels-quick) step kernels-quick '^[0-9]+/[0-9]+ passed' python3 tests/gpu_kernels.py --quick ;;
+    prefill) step prefill 'all checks passed|FAILED' python3 tests/gpu_prefill.py ;;
+    parity) step parity '^parity: ' python3 tests/gpu_parity.py "$WORK" "$text" "$tokenizer" ;;
     sanitizer)
-        python3 export.py tests/fixtures/qwen3_gqa2_bf16 "$WORK/tiny.bin" 2>/dev/null
+        # a 12-token prefill, then decode: the tiny GQA fixture (head_dim 32, the CUDA-core prefill
+        # attention) with the fused and the unfused decode attention; the demo (head_dim 64, the
+        # tensor-core flash attention of prefill) unfused
+        python3 export.py tests/fixtures/qwen3_gqa2_bf16 "$WORK/tiny.bin" >/dev/null 2>&1
+        python3 export.py demo "$WORK/demo.bin" >/dev/null 2>&1
         echo "1 2 3 4 5 6 7 8 9 10 11 12" >"$WORK/ids.txt"
-        for fused in 1 0; do
-            step "memcheck-a$fused" compute-sanitizer --tool memcheck --error-exitcode 9 \
-                ./run "$WORK/tiny.bin" -m logits -f "$WORK/ids.txt" -n 20 -a $fused
-            step "racecheck-a$fused" compute-sanitizer --tool racecheck --error-exitcode 9 \
-                ./run "$WORK/tiny.bin" -m logits -f "$WORK/ids.txt" -n 4 -a $fused
+        for run in tiny-a1 tiny-a0 demo-a0; do
+            model=${run%-a*} fused=${run#*-a}
+            step "memcheck-$run" 'ERROR SUMMARY' compute-sanitizer --tool memcheck --error-exitcode 9 \
+                ./run "$WORK/$model.bin" -m logits -f "$WORK/ids.txt" -n 20 -a "$fused"
+            step "racecheck-$run" 'RACECHECK SUMMARY' compute-sanitizer --tool racecheck --error-exitcode 9 \
+                ./run "$WORK/$model.bin" -m logits -f "$WORK/ids.txt" -n 4 -a "$fused"
         done ;;
-    bench) step bench python3 tests/gpu_bench.py "$WORK" .gpu/tinyshakespeare.txt .gpu ;;
-    ab) step bench python3 tests/gpu_bench.py "$WORK" .gpu/tinyshakespeare.txt .gpu --against .gpu/run-base ;;
+    bench) step bench '^ours / HF: prefill' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" ;;
+    ab) step ab '^decode tok/s at context 4096, \./run' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" \
+            --against .gpu/run-base ;;
+    *) echo "unknown step $s"; record "$s" 2 0 "unknown step" ;;
     esac
 done
 cp "$WORK"/*.json "$OUT"/ 2>/dev/null
-echo
-[ -f "$OUT/kernels.log" ] && tail -n 1 "$OUT/kernels.log"
-[ -f "$OUT/prefill.log" ] && tail -n 30 "$OUT/prefill.log"
-for f in parity bench; do [ -f "$OUT/$f.log" ] && sed -n '/^$/,$p' "$OUT/$f.log" | tail -45; done
-grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT"/*check*.log 2>/dev/null
-exit $status
+
+summary
