@@ -21,7 +21,8 @@ square of the reference logits at that position.
      qwen3-0.6b       the real Qwen3-0.6B config (28 layers, 1024/3072, 16:8 heads, hd 128, tied)
      qwen3-4b-4l      the Qwen3-4B shape with 4 layers (2560/9728, 32:8 heads: GQA 4:1)
      qwen2.5-0.5b-4l  the Qwen2.5-0.5B shape with 4 layers (896/4864, 14:2 heads, hd 64, bias)
-     stress           qwen3-0.6b's shape, 4 layers, k_norm gains x1000 (unscaled fp16 K would be inf)
+     stress           qwen3-0.6b's shape, 4 layers, k_norm gains x1000: unscaled (-K 0), fp16 K is inf
+                      and ./run must stop with its non-finite error in logits and in ppl mode
      qwen3-0.6b-4l-plain  qwen3-0.6b's shape, 4 layers, no k_norm outliers (for part 4 only)
    The Qwen3 ones but the last carry k_norm outliers as Qwen3-0.6B has them (96.5 in layer 0, 21-42
    in layers 1-7). Per KV type X, the worst rel L2 must stay within max(base[X], HF's own error
@@ -454,7 +455,17 @@ def build(name, seed, path):
     return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").cuda().eval()
 
 
-def random_model(name, seed, ids, prompt):
+def stops_not_finite(args):
+    """Runs a command that must stop with exit status 1 and one last 'error: ... not finite' line:
+    (that line, whether it did)."""
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    last = lines[-1] if lines else f"exit status {r.returncode}, no message"
+    errors = [l for l in lines if l.startswith("error: ")]
+    return last, r.returncode == 1 and errors == [last] and "not finite" in last
+
+
+def random_model(name, seed, ids, prompt, text_path):
     path = os.path.join(work, name)
     model = build(name, seed, path)
     ref = hf_logits(model, ids)
@@ -472,11 +483,14 @@ def random_model(name, seed, ids, prompt):
         checkpoint = export(path, os.path.join(work, f"{name}.{wdtype}.bin"), wdtype)
         tol = TOL[kv]
         got = ours(checkpoint, ids, kv, fused)
-        if name == "stress":
-            unscaled = ours(checkpoint, ids, kv, fused, ("-K", "0"))
-            finite = float(np.isfinite(unscaled).mean())
-            add_row(name, "fp16 w, fp16 KV, no k_scale", f"(HF fp16: {hf16['fp16']:.1e})", "-", f"finite {finite:.0%}",
-                    finite < 1, "expected to fail")
+        if name == "stress":  # without the scale K overflows: ./run must stop, from either mode's check
+            ids_path = os.path.join(work, "ids.txt")
+            open(ids_path, "w").write(" ".join(map(str, ids)))
+            for mode, args in (("logits mode: the GPU argmax flags it", ["-m", "logits", "-f", ids_path]),
+                               ("ppl mode: the GPU cross entropy flags it", ["-m", "ppl", "-f", text_path, "-c", "64"])):
+                line, stopped = stops_not_finite(["./run", checkpoint, *args, "-e", kv, "-a", str(fused), "-K", "0"])
+                add_row(name, f"fp16 w, fp16 KV, no k_scale, {mode}", f"(HF fp16: {hf16['fp16']:.1e})", "-",
+                        line[:60], stopped, "stopped: ok")
         ok, rel, agree, clear = check(name, got, ref, tol, yardstick(hf16, wdtype, kv))
         # greedy: equal to HF up to the first step whose HF gap is under the noise
         g = greedy_ours(checkpoint, prompt, kv, fused)
@@ -526,8 +540,10 @@ def main():
         guarded("demo", "all", lambda: demo(text))
         text_ids = tok.encode(text[:20000])
         ids, prompt = text_ids[:N_POS], text_ids[1000:1000 + N_PROMPT]
+        text_path = os.path.join(work, "text.txt")  # for ppl mode: the text of ids and a little more
+        open(text_path, "w", encoding="utf-8").write(text[:2000])
         for seed, name in enumerate(MODELS, start=10):
-            guarded(name, "all", lambda: random_model(name, seed, ids, prompt))
+            guarded(name, "all", lambda: random_model(name, seed, ids, prompt, text_path))
     except KeyboardInterrupt:  # a time limit (gpu.sh under timeout -s INT): the table of what ran
         add_row("parity", "interrupted", "-", "-", "-", False)
     print_table()
