@@ -93,21 +93,25 @@ __device__ __forceinline__ void unpack8(const Pack8<__half>& p, float f[8]) {
 
 // ---- reductions ---------------------------------------------------------------------------------
 
-__device__ __forceinline__ float warp_sum(float v) {
+struct SumOp { __device__ float operator()(float a, float b) const { return a + b; } };
+struct MaxOp { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
+
+// op (associative, commutative) over the 32 lanes of a warp; every lane gets the result.
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v, Op op) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumOp()); }
 
-// op (associative, commutative) over the block (blockDim.x a multiple of 32); every thread gets
-// the result. Safe to call repeatedly: the trailing barrier keeps the next call from overwriting
-// partials still being read.
+// op over the block (blockDim.x a multiple of 32); every thread gets the result. Safe to call
+// repeatedly: the trailing barrier keeps the next call from overwriting partials still being read.
 template <typename Op>
 __device__ __forceinline__ float block_reduce(float v, Op op) {
     __shared__ float warp_partials[32];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    v = warp_reduce(v, op);
     if (lane == 0) warp_partials[warp] = v;
     __syncthreads();
     float total = warp_partials[0];
@@ -115,8 +119,8 @@ __device__ __forceinline__ float block_reduce(float v, Op op) {
     __syncthreads();
     return total;
 }
-__device__ __forceinline__ float block_sum(float v) { return block_reduce(v, [](float a, float b) { return a + b; }); }
-__device__ __forceinline__ float block_max(float v) { return block_reduce(v, [](float a, float b) { return fmaxf(a, b); }); }
+__device__ __forceinline__ float block_sum(float v) { return block_reduce(v, SumOp()); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce(v, MaxOp()); }
 
 // ---- matrix-vector rows -------------------------------------------------------------------------
 
