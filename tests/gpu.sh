@@ -63,7 +63,9 @@ interrupted() {  # the time limit: record the step it stopped, print what ran
 }
 
 gpu=$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt")
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo "no git")
+# The lent machine gets a copy of the working tree whose git metadata can be older than the tree:
+# name the commit the tree is at with COMMIT=... (from your checkout) for the tables to say it.
+commit=${COMMIT:-"$(git rev-parse --short HEAD 2>/dev/null || echo "no git") (from git: set COMMIT)"}
 start=$SECONDS
 make -s -j"$(nproc)" run runcpu build/libkernels.so >"$OUT/build.log" 2>&1
 rc=$?
