@@ -498,7 +498,7 @@ static void* gpu_alloc(size_t bytes, const char* what) {
     return p;
 }
 
-// Without a usable GPU every CUDA call would fail: say so once, before the model loads.
+// Without a usable GPU every CUDA call would fail: say so once, before anything goes to the GPU.
 static void require_gpu(void) {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
@@ -1190,13 +1190,13 @@ int main(int argc, char** argv) {
     if (!o.checkpoint) die("no model given: run model.bin [options] (-h for help)");
     long n_ids;
     int* ids = read_input(&o, &tokenizer, &n_ids);
-#ifdef USE_CUDA
-    require_gpu();
-#endif
 
     static Model m;
     double start = now_s();
-    load_checkpoint(&m, o.checkpoint);
+    load_checkpoint(&m, o.checkpoint);  // the header, and the shapes the GPU kernels take, on any machine
+#ifdef USE_CUDA
+    require_gpu();
+#endif
     Config* c = &m.config;
     if (o.context > c->max_seq_len) die("-c %d: the model's context is %d", o.context, c->max_seq_len);
     m.seq_len = o.context ? o.context : (c->max_seq_len < 4096 ? c->max_seq_len : 4096);

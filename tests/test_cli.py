@@ -16,6 +16,7 @@ import numpy as np
 
 from harness import FIXTURES, ROOT, RUNCPU, TMP, TOKENIZER, Skip, assert_one_error_line, data_file, export, \
     logits_of, reference, run
+from test_model import blank_checkpoint
 
 NAME = "qwen3_fullvocab_bf16"
 
@@ -388,6 +389,26 @@ def test_run_without_a_gpu():
         raise Skip("this machine has a GPU: ./run ran")
     assert_one_error_line(rc, err, "./run without a GPU")
     assert "GPU" in err and "runcpu" in err, err
+
+
+def test_gpu_shapes_checked_at_load():
+    """./run checks the shapes its kernels take when it reads the header, naming the field, before it
+    asks for a GPU (so a machine without one sees it too); a shape it takes gets as far as the GPU."""
+    gpu_binary = os.path.join(ROOT, "run")
+    if not os.path.exists(gpu_binary):
+        raise Skip("./run is not built (make run)")
+    cases = {"head_dim": dict(head_dim=96), "dim": dict(dim=60), "hidden_dim": dict(hidden_dim=100),
+             "vocab_size": dict(vocab_size=500)}
+    for field, shape in cases.items():
+        path = blank_checkpoint(os.path.join(TMP, f"gpu_shape_{field}.bin"), **shape)
+        rc, _, err = run([gpu_binary, path, "-i", "Hello", "-n", "2"])
+        assert_one_error_line(rc, err, f"./run with a bad {field}")
+        assert f"{field} " in err and "GPU" in err and "no CUDA GPU" not in err, err
+    rc, _, err = run([gpu_binary, blank_checkpoint(os.path.join(TMP, "gpu_shape_ok.bin")), "-i", "Hello", "-n", "2"])
+    if rc == 0:
+        raise Skip("this machine has a GPU: ./run ran")
+    assert_one_error_line(rc, err, "./run with good shapes")
+    assert "no CUDA GPU" in err, err
 
 
 def long_context_model():

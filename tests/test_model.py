@@ -60,11 +60,9 @@ HEADER_FIELDS = ["magic", "version", "dim", "hidden_dim", "n_layers", "n_heads",
 WEIGHT_DTYPES = {0: np.float32, 1: np.uint16, 2: np.float16}  # bf16 as its raw bits
 
 
-def checkpoint(path):
-    """An exported checkpoint read by the layout in README.md: (header fields, {tensor: array}, blob).
-    The arrays are views of blob (writable: change them, then blob.tofile(...))."""
-    blob = np.fromfile(path, np.uint8)
-    h = dict(zip(HEADER_FIELDS, HEADER.unpack_from(blob.tobytes()[:HEADER.size])))
+def tensor_layout(h):
+    """(name, byte offset, shape, dtype) of every tensor of a checkpoint with header fields h, in the
+    order and alignment of README.md's table; and the file size."""
     L, D, H, hd, V = h["n_layers"], h["dim"], h["hidden_dim"], h["head_dim"], h["vocab_size"]
     q, kv = h["n_heads"] * hd, h["n_kv_heads"] * hd
     w, f32 = WEIGHT_DTYPES[h["wdtype"]], np.float32
@@ -78,14 +76,40 @@ def checkpoint(path):
               ("w_down", (L, D, H), w), ("rms_final", (D,), f32)]
     if not h["flags"] & 1:
         order.append(("lm_head", (V, D), w))
-    tensors, at = {}, 256
+    tensors, at = [], 256
     for name, shape, dtype in order:
         at = (at + 255) // 256 * 256
-        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        tensors[name] = blob[at:at + size].view(dtype).reshape(shape)
-        at += size
-    assert (at + 255) // 256 * 256 == len(blob) == h["file_size"], f"{path}: layout ends at {at}, file {len(blob)}"
+        tensors.append((name, at, shape, dtype))
+        at += int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return tensors, (at + 255) // 256 * 256
+
+
+def checkpoint(path):
+    """An exported checkpoint read by the layout in README.md: (header fields, {tensor: array}, blob).
+    The arrays are views of blob (writable: change them, then blob.tofile(...))."""
+    blob = np.fromfile(path, np.uint8)
+    h = dict(zip(HEADER_FIELDS, HEADER.unpack_from(blob.tobytes()[:HEADER.size])))
+    layout, size = tensor_layout(h)
+    assert size == len(blob) == h["file_size"], f"{path}: layout ends at {size}, file {len(blob)}"
+    tensors = {name: blob[at:at + int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+               for name, at, shape, dtype in layout}
     return h, tensors, blob
+
+
+def blank_checkpoint(path, **fields):
+    """A float32 checkpoint of any shape (fields override a tiny Qwen3's header): zero matrices, unit
+    norms, k_scale 1. For shape checks: its outputs are all zero."""
+    h = dict(magic=0x334E5751, version=1, dim=64, hidden_dim=64, n_layers=1, n_heads=2, n_kv_heads=1,
+             head_dim=32, vocab_size=64, max_seq_len=64, rope_theta=1e6, eps=1e-6, wdtype=0, flags=1 | 2)
+    h.update(fields)
+    layout, h["file_size"] = tensor_layout(h)
+    blob = np.zeros(h["file_size"], np.uint8)
+    blob[:HEADER.size] = np.frombuffer(HEADER.pack(*(h[f] for f in HEADER_FIELDS)), np.uint8)
+    for name, at, shape, dtype in layout:
+        if name in ("rms_att", "rms_ffn", "q_norm", "k_norm", "k_scale", "rms_final"):
+            blob[at:at + int(np.prod(shape)) * 4].view(np.float32)[:] = 1.0
+    blob.tofile(path)
+    return path
 
 
 def source_tensors(folder):
