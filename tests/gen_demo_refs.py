@@ -19,8 +19,9 @@ from transformers import Qwen3ForCausalLM
 
 here = os.path.dirname(os.path.abspath(__file__))
 
-sys.path[:0] = [os.path.join(here, ".."), os.path.join(here, "..", "demo")]
+sys.path[:0] = [here, os.path.join(here, ".."), os.path.join(here, "..", "demo")]
 from export import bytes_to_unicode  # noqa: E402
+from gen_fixtures import nll_windows  # noqa: E402
 from text import split  # noqa: E402
 
 CONTEXT, LOGITS_EVERY, N_GREEDY, PROMPT = 512, 8, 200, "ROMEO:"
@@ -44,13 +45,7 @@ def main(demo_dir, text_path, out_dir):
     np.save(os.path.join(out_dir, "ref_logits.npy"), logits[positions])
 
     # perplexity of the whole validation split, run's protocol: (nll sum, tokens scored) per window
-    windows = []
-    for s in range(0, len(val), CONTEXT):
-        w = val[s:s + CONTEXT]
-        if len(w) < 2:
-            break
-        lp = torch.log_softmax(model(torch.tensor([w]).cuda()).logits[0].double(), -1)
-        windows.append((-lp[torch.arange(len(w) - 1), torch.tensor(w[1:])].sum().item(), len(w) - 1))
+    windows = nll_windows(model, val, CONTEXT)
     nll = sum(n for n, _ in windows)
     scored = sum(c for _, c in windows)
     # bytes of the scored tokens (every token but the first of each window), for nats per byte

@@ -73,18 +73,19 @@ def randomize(model, seed):
 
 def nll_windows(model, ids, ctx):
     """The perplexity protocol of `run -m ppl`: consecutive windows of ctx tokens, no overlap, each
-    started with an empty cache; inside a window, token j>0 is scored given tokens 0..j-1 of it."""
-    total, count = 0.0, 0
+    started with an empty cache; inside a window, token j>0 is scored given tokens 0..j-1 of it.
+    Returns (summed -log p, tokens scored) per window, on the model's device."""
+    device = next(model.parameters()).device
+    windows = []
     for s in range(0, len(ids), ctx):
         w = ids[s:s + ctx]
         if len(w) < 2:
             break
         with torch.no_grad():
-            logits = model(torch.tensor([w])).logits[0].double()
+            logits = model(torch.tensor([w], device=device)).logits[0].double()
         lp = torch.log_softmax(logits, -1)
-        total -= lp[torch.arange(len(w) - 1), torch.tensor(w[1:])].sum().item()
-        count += len(w) - 1
-    return total, count
+        windows.append((-lp[torch.arange(len(w) - 1), torch.tensor(w[1:])].sum().item(), len(w) - 1))
+    return windows
 
 
 def main(out_dir, tok_dir, text_path):
@@ -117,7 +118,8 @@ def main(out_dir, tok_dir, text_path):
             ref["ppl_ctx"] = PPL_CTX
             text_ids = tok.encode(text)
             ref["ppl_tokens_in_text"] = len(text_ids)
-            nll, count = nll_windows(model, text_ids, PPL_CTX)
+            windows = nll_windows(model, text_ids, PPL_CTX)
+            nll, count = sum(n for n, _ in windows), sum(c for _, c in windows)
             ref["ppl_nll_sum"], ref["ppl_scored"] = nll, count
             ref["ppl"] = math.exp(nll / count)
         out = model.generate(torch.tensor([prompt]), max_new_tokens=N_GREEDY, do_sample=False,

@@ -31,24 +31,16 @@ def hf_nll(model_dir, text, context, tokens):
     import torch
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gen_fixtures import nll_windows
     torch.backends.cuda.matmul.allow_tf32 = False
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ids = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json")).encode(text).ids
     if tokens:
         ids = ids[:tokens]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
-    model = model.to(device).eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ids), context):
-            window = ids[start:start + context]
-            if len(window) < 2:
-                break
-            logits = model(torch.tensor([window], device=device)).logits[0].double()
-            logp = torch.log_softmax(logits, -1)
-            total -= logp[torch.arange(len(window) - 1), torch.tensor(window[1:])].sum().item()
-            count += len(window) - 1
-    return total, count
+    windows = nll_windows(model.to(device).eval(), ids, context)
+    return sum(n for n, _ in windows), sum(c for _, c in windows)
 
 
 def main():

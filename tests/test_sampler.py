@@ -23,11 +23,11 @@ chi-square statistic gets a noncentrality >= 405 (8-token case; critical value 4
 of freedom)."""
 import math
 import os
-import struct
 
 import numpy as np
 
 from harness import RUNCPU, TMP, logits_of, run
+from test_model import blank_checkpoint, checkpoint
 
 VOCAB, DIM = 64, 8
 # lm_head's column 0: the logits up to the final RMSNorm's scale. Twelve distinct head tokens, then a
@@ -44,30 +44,15 @@ ALPHA = 1e-7  # p-value threshold per case
 
 
 def write_checkpoint(path, logits):
-    """A float32 model.bin (README's format, run.c's layout()) whose every step has these logits
-    (times the final RMSNorm's 1 / sqrt(1 + eps))."""
-    n_layers, hidden, head_dim, max_seq_len = 1, 8, 8, DRAWS + 16
-    qkv = 3 * head_dim  # one query head, one KV head
-    header = struct.pack("<II8iffIIQ", 0x334E5751, 1, DIM, hidden, n_layers, 1, 1, head_dim, VOCAB, max_seq_len,
-                         1e6, 1e-6, 0, 0, 0)  # fp32, untied, no QK-norm, no bias; size patched below
-    lm_head = np.zeros((VOCAB, DIM), np.float32)
-    lm_head[:, 0] = logits
-    tensors = [np.ones((VOCAB, DIM)),                  # embedding: every row the same
-               np.ones((n_layers, DIM)),               # rms_att
-               np.ones((n_layers, DIM)),               # rms_ffn
-               np.ones(n_layers),                      # k_scale: a power of two >= 1
-               np.zeros((n_layers, qkv, DIM)),         # wqkv
-               np.zeros((n_layers, DIM, head_dim)),    # wo
-               np.zeros((n_layers, 2 * hidden, DIM)),  # w_gate_up
-               np.zeros((n_layers, DIM, hidden)),      # w_down
-               np.ones(DIM),                           # rms_final
-               lm_head]
-    body = bytearray(header.ljust(256, b"\0"))
-    for t in tensors:
-        body += np.asarray(t, np.float32).tobytes()
-        body += bytes(-len(body) % 256)  # every tensor starts at a multiple of 256
-    body[56:64] = struct.pack("<Q", len(body))
-    open(path, "wb").write(body)
+    """A float32 model.bin whose every step has these logits (times the final RMSNorm's
+    1 / sqrt(1 + eps)): zero layers, every embedding row the same, an untied lm_head whose column 0
+    holds them."""
+    blank_checkpoint(path, dim=DIM, hidden_dim=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8,
+                     vocab_size=VOCAB, max_seq_len=DRAWS + 16, flags=0)  # untied, no QK-norm, no bias
+    _, tensors, blob = checkpoint(path)
+    tensors["embedding"][:] = 1
+    tensors["lm_head"][:, 0] = logits
+    blob.tofile(path)
     return path
 
 
