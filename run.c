@@ -1173,7 +1173,7 @@ int main(int argc, char** argv) {
             case 'z': o.tokenizer = v; break;
             case 'm':
                 o.mode = -1;
-                for (int j = 0; j < 5; j++) if (!strcmp(v, MODE_NAMES[j])) o.mode = j;
+                for (int j = 0; j < (int)(sizeof MODE_NAMES / sizeof *MODE_NAMES); j++) if (!strcmp(v, MODE_NAMES[j])) o.mode = j;
                 if (o.mode < 0) die("-m %s: expected generate, chat, ppl, tokenize or logits", v);
                 break;
             default: die("unknown flag %s (run with -h for help)", f);
