@@ -8,7 +8,7 @@ NVCC ?= $(or $(shell command -v nvcc),/usr/local/cuda/bin/nvcc)
 CFLAGS = -O2 -Wall -Wextra -std=gnu11
 GPU_ARCH ?= -gencode=arch=compute_90a,code=sm_90a
 NVFLAGS = -O3 $(GPU_ARCH) -std=c++17 -Xcompiler -Wall
-KERNELS = rmsnorm.cu rope.cu matvec.cu matmul.cu attention.cu
+KERNELS = rmsnorm.cu rope.cu matvec.cu matmul.cu attention.cu decode.cu
 # a Python 3 with numpy (export.py and the tests need it)
 PYTHON ?= $(firstword $(foreach p,python3 /usr/bin/python3,$(shell $(p) -c "import numpy" 2>/dev/null && echo $(p))))
 
@@ -17,7 +17,7 @@ runcpu: run.c tokenizer.h
 
 KERNEL_OBJS = $(KERNELS:%.cu=build/%.o)
 
-build/%.o: %.cu kernels.h common.cuh tensor_core.cuh
+build/%.o: %.cu kernels.h common.cuh attention.cuh tensor_core.cuh
 	@mkdir -p build
 	$(NVCC) $(NVFLAGS) -Xcompiler -fPIC -c $< -o $@
 

@@ -42,25 +42,26 @@ template <> __device__ __forceinline__ __half from_float(float v) { return __flo
 template <typename T> struct Pack8 { uint4 bits; };
 template <> struct Pack8<float> { float4 lo, hi; };
 
-// Two ways to read global memory. Weights are read-only for every kernel and go through the
-// non-coherent read-only path (__ldg, ld.global.nc). That path is defined only for memory that no
-// thread writes while the kernel runs: the per-SM cache behind it is not kept coherent with
-// writes, so it may return what a line held before another block's store. The KV cache is
-// written and read by the same launch in the fused attention kernel (phase 2 stores row pos,
-// phase 3 reads rows 0..pos from other blocks after grid.sync()), so it is read COHERENT: __ldcg
-// (ld.global.cg) caches in L2 only, which is the point of coherence for global memory, and sees
-// every write that the grid-wide barrier ordered before it.
-template <bool COHERENT, typename V>
-__device__ __forceinline__ V load16(const V* p) { return COHERENT ? __ldcg(p) : __ldg(p); }
+// Three ways to read memory. Weights are read-only for every kernel and go through the
+// non-coherent read-only path (VIA_NC: __ldg, ld.global.nc). That path is defined only for memory
+// that no thread writes while the kernel runs: the per-SM cache behind it is not kept coherent with
+// writes, so it may return what a line held before another block's store. Data that one block of a
+// launch writes and another reads (the KV cache row and the activations in the persistent decode
+// kernel, decode.cu) is read VIA_L2: __ldcg (ld.global.cg) caches in L2 only, which is the point of
+// coherence for global memory, and sees every write ordered before the read by a fence and a flag.
+// VIA_PLAIN is an ordinary load, for shared memory.
+enum Via { VIA_NC, VIA_L2, VIA_PLAIN };
+template <Via VIA, typename V>
+__device__ __forceinline__ V load16(const V* p) { return VIA == VIA_NC ? __ldg(p) : VIA == VIA_L2 ? __ldcg(p) : *p; }
 
-template <typename T, bool COHERENT = false>
+template <typename T, Via VIA = VIA_NC>
 __device__ __forceinline__ Pack8<T> load_pack8(const T* p) {  // p 16-byte aligned
     Pack8<T> r;
     if constexpr (sizeof(T) == 4) {
-        r.lo = load16<COHERENT>(reinterpret_cast<const float4*>(p));
-        r.hi = load16<COHERENT>(reinterpret_cast<const float4*>(p) + 1);
+        r.lo = load16<VIA>(reinterpret_cast<const float4*>(p));
+        r.hi = load16<VIA>(reinterpret_cast<const float4*>(p) + 1);
     } else {
-        r.bits = load16<COHERENT>(reinterpret_cast<const uint4*>(p));
+        r.bits = load16<VIA>(reinterpret_cast<const uint4*>(p));
     }
     return r;
 }
@@ -122,16 +123,40 @@ __device__ __forceinline__ float block_reduce(float v, Op op) {
 __device__ __forceinline__ float block_sum(float v) { return block_reduce(v, SumOp()); }
 __device__ __forceinline__ float block_max(float v) { return block_reduce(v, MaxOp()); }
 
+// (value, index) pairs ordered as torch.argmax picks: the larger value, the lower index on ties.
+__device__ __forceinline__ bool argmax_better(float va, int ia, float vb, int ib) {
+    return va > vb || (va == vb && ia < ib);
+}
+
+// Block-wide (value, index) max, lowest index on ties; the result is valid in thread 0.
+__device__ __forceinline__ void block_argmax(float& v, int& idx) {
+    __shared__ float values[32];
+    __shared__ int indices[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        const float vo = __shfl_xor_sync(0xffffffffu, v, o);
+        const int io = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (argmax_better(vo, io, v, idx)) { v = vo; idx = io; }
+    }
+    if (threadIdx.x % 32 == 0) { values[threadIdx.x / 32] = v; indices[threadIdx.x / 32] = idx; }
+    __syncthreads();
+    if (threadIdx.x == 0)
+        for (int w = 1; w < blockDim.x / 32; w++)
+            if (argmax_better(values[w], indices[w], v, idx)) { v = values[w]; idx = indices[w]; }
+    __syncthreads();  // a second call may overwrite values[] only after thread 0 read them
+}
+
 // ---- matrix-vector rows -------------------------------------------------------------------------
 
-// One warp computes dot(w[row_i], x) for NROWS rows at once (swiglu: gate and up), all lanes get the
-// sums. x (cols) may live in global or shared memory. Vector path (vec: cols % 8 == 0, w and x
-// 16-byte aligned): lane l reads elements [8l, 8l+8) of every 256-element stretch, so a warp reads
-// 512 contiguous bytes of a bf16 row per load; UNROLL stretches are loaded before any is used to
-// keep 64 bytes (bf16/fp16) per lane and row in flight.
-template <typename W, int NROWS>
+// One warp computes dot(w[row_i], x) for the first `active` of NROWS rows at once (swiglu: gate and
+// up), all lanes get the sums (0 for the inactive rows). x (cols) may live in global or shared
+// memory; the rows are read VIA (global: VIA_NC; the persistent decode kernel's stages in shared
+// memory: VIA_PLAIN). Vector path (vec: cols % 8 == 0, w and x 16-byte aligned): lane l reads
+// elements [8l, 8l+8) of every 256-element stretch, so a warp reads 512 contiguous bytes of a bf16
+// row per load; UNROLL stretches are loaded before any is used to keep 64 bytes (bf16/fp16) per
+// lane and row in flight.
+template <typename W, int NROWS, Via VIA = VIA_NC>
 __device__ __forceinline__ void warp_dot_rows(float sums[NROWS], const W* const rows[NROWS],
-                                              const float* x, int cols, bool vec) {
+                                              const float* x, int cols, bool vec, int active = NROWS) {
     constexpr int UNROLL = sizeof(W) == 4 ? 2 : 4;  // same bytes in flight for every dtype
     const int lane = threadIdx.x % 32;
 #pragma unroll
@@ -143,7 +168,8 @@ __device__ __forceinline__ void warp_dot_rows(float sums[NROWS], const W* const 
             for (int u = 0; u < UNROLL; u++)
 #pragma unroll
                 for (int r = 0; r < NROWS; r++)
-                    packs[u][r] = c0 + 256 * u < cols ? load_pack8(rows[r] + c0 + 256 * u) : zero_pack8<W>();
+                    packs[u][r] = r < active && c0 + 256 * u < cols ? load_pack8<W, VIA>(rows[r] + c0 + 256 * u)
+                                                                    : zero_pack8<W>();
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
                 const int c = c0 + 256 * u;
@@ -164,7 +190,8 @@ __device__ __forceinline__ void warp_dot_rows(float sums[NROWS], const W* const 
         for (int c = lane; c < cols; c += 32) {
             const float xc = x[c];
 #pragma unroll
-            for (int r = 0; r < NROWS; r++) sums[r] = fmaf(to_float(rows[r][c]), xc, sums[r]);
+            for (int r = 0; r < NROWS; r++)
+                if (r < active) sums[r] = fmaf(to_float(rows[r][c]), xc, sums[r]);
         }
     }
 #pragma unroll

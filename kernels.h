@@ -54,27 +54,44 @@ void attention_gpu(float* out, const float* q, const void* k_cache, const void* 
                    int kv_dtype, const int* pos, int n_heads, int n_kv_heads, int head_dim,
                    int seq_len, float scale, float* scratch, cudaStream_t stream);
 
-// attention.cu, fused: the whole attention half of a layer in one kernel,
-// x += o_proj(attention(rope(qk_norm(qkv(rmsnorm(x))))))
+// decode.cu: one decode step, every layer then the LM head and its argmax, as one persistent kernel
+// (the chain of the launchers above computes the same function). The stacked tensors are the
+// checkpoint's (README's table), on the device.
 typedef struct {
-    float* x;               // (dim) residual stream, updated in place
-    const float* rms_att;   // (dim)
-    const void* wqkv;       // (n_heads*head_dim + 2*n_kv_heads*head_dim, dim), wdtype
-    const float* bqkv;      // (n_heads*head_dim + 2*n_kv_heads*head_dim) or NULL
-    const float* q_norm;    // (head_dim) or NULL
-    const float* k_norm;    // (head_dim) or NULL
-    float k_scale;          // K is cached as k / k_scale
-    const void* wo;         // (dim, n_heads*head_dim), wdtype
-    void* k_cache;          // (seq_len, n_kv_heads, head_dim), kv_dtype
-    void* v_cache;          // (seq_len, n_kv_heads, head_dim), kv_dtype
-    const int* pos;         // position of the token being decoded
-    float* qkv;             // scratch (n_heads*head_dim + 2*n_kv_heads*head_dim)
-    float* att;             // scratch (n_heads*head_dim)
+    const void* embedding;  // (vocab_size, dim), wdtype
+    const float* rms_att;   // (n_layers, dim)
+    const float* rms_ffn;   // (n_layers, dim)
+    const float* q_norm;    // (n_layers, head_dim) or NULL
+    const float* k_norm;    // (n_layers, head_dim) or NULL
+    const float* k_scale;   // (n_layers), or NULL for 1: the cache holds k / k_scale
+    const float* bqkv;      // (n_layers, qkv_dim) or NULL
+    const void* wqkv;       // (n_layers, qkv_dim, dim), wdtype: q rows, then k, then v
+    const void* wo;         // (n_layers, dim, q_dim)
+    const void* w_gate_up;  // (n_layers, 2*hidden_dim, dim): gate rows, then up
+    const void* w_down;     // (n_layers, dim, hidden_dim)
+    const float* rms_final; // (dim)
+    const void* lm_head;    // (vocab_size, dim)
+    void* k_cache;          // (n_layers, seq_len, n_kv_heads, head_dim), kv_dtype
+    void* v_cache;          // (n_layers, seq_len, n_kv_heads, head_dim), kv_dtype
+    float* x;               // (dim) residual stream
+    float* qkv;             // (qkv_dim)
+    float* att;             // (q_dim)
+    float* h;               // (hidden_dim)
+    float* logits;          // (vocab_size)
     float* scratch;         // attention_scratch_floats() floats
-    int dim, n_heads, n_kv_heads, head_dim, seq_len, wdtype, kv_dtype;
+    unsigned* sync;         // decode_sync_words() counters, zero before the first step (a step leaves them zero)
+    int* io;                // (3) a step leaves (argmax, its position + 1, argmax): the next greedy step's input
+    int dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, seq_len, wdtype, kv_dtype;
     float theta, eps;
-} AttentionLayer;
-void attention_fused_gpu(const AttentionLayer* layer, cudaStream_t stream);
+} DecodeStep;
+size_t decode_sync_words(int n_layers, int n_kv_heads);
+// The depth of the kernel's weight ring for this shape; 0 if the shape does not fit the kernel.
+int decode_step_stages(const DecodeStep* step);
+// One step for `token` at `pos`, or with token < 0 for io's token and position (the step before's
+// argmax: greedy decoding enqueues the next step before the host has read this one's). The argmax
+// (-1 if a logit is NaN or inf) goes to *result (host-mapped memory, read after the step) and io.
+// The step's blocks wait for each other: one step at a time, on one stream.
+void decode_step_gpu(const DecodeStep* step, int token, int pos, int* result, cudaStream_t stream);
 
 // ---- prefill: T = n_tokens prompt tokens at once, matrix products on the tensor cores ----
 // matmul.cu: out (n_tokens, rows) (+)= x (n_tokens, cols) . w (rows, cols)^T + bias (rows, or NULL).

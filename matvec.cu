@@ -54,23 +54,6 @@ __device__ float argmax_block_value[ARGMAX_BLOCKS];
 __device__ int argmax_block_index[ARGMAX_BLOCKS];
 __device__ bool argmax_block_nonfinite[ARGMAX_BLOCKS];
 
-// Block-wide (value, index) max, lowest index on ties; the result is valid in thread 0.
-__device__ void block_argmax(float& v, int& idx) {
-    __shared__ float values[32];
-    __shared__ int indices[32];
-    auto better = [](float va, int ia, float vb, int ib) { return va > vb || (va == vb && ia < ib); };
-    for (int o = 16; o > 0; o >>= 1) {
-        const float vo = __shfl_xor_sync(0xffffffffu, v, o);
-        const int io = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (better(vo, io, v, idx)) { v = vo; idx = io; }
-    }
-    if (threadIdx.x % 32 == 0) { values[threadIdx.x / 32] = v; indices[threadIdx.x / 32] = idx; }
-    __syncthreads();
-    if (threadIdx.x == 0)
-        for (int w = 1; w < blockDim.x / 32; w++)
-            if (better(values[w], indices[w], v, idx)) { v = values[w]; idx = indices[w]; }
-}
-
 __global__ void argmax_blocks_kernel(const float* logits, int n) {
     griddep_wait();
     float v = -INFINITY;

@@ -465,7 +465,8 @@ struct Gpu {
     uint8_t* weights;     // the file's bytes after the header, on the device
     void* key_cache;      // (n_layers, seq_len, kv_dim), kv_dtype
     void* value_cache;    // (n_layers, seq_len, kv_dim), kv_dtype
-    int kv_dtype, fused;
+    int kv_dtype;
+    int fused;            // decode: 1 the persistent kernel (decode.cu), 0 the chain of kernels
     int chunk;            // tokens per prefill pass: min(seq_len, PREFILL_CHUNK)
     cudaStream_t stream;
     // decode, one token
@@ -478,7 +479,15 @@ struct Gpu {
     float* scratch;       // attention partials
     int* io;              // (3) the token, its position, and the argmax of the logits
     int* host_io;         // (3) pinned copy of io: the graph reads and writes it
-    cudaGraphExec_t step; // the whole decode step, captured once, replayed per token
+    cudaGraphExec_t step; // the chain: the whole decode step, captured once, replayed per token
+    // the persistent kernel: greedy decoding enqueues step pos + 1 before it waits for step pos
+    DecodeStep decode;    // its arguments (kernels.h)
+    int* results;         // (2) host-mapped: the argmax of the steps in slots 0 and 1
+    int* results_dev;     // the same memory, as the kernel sees it
+    cudaEvent_t done[2];  // recorded after the step in each slot
+    int next_slot;        // slot of the next step enqueued
+    int ahead_pos;        // position of the step enqueued ahead (its token: the GPU's argmax), -1 none
+    int ahead_slot;
     // prefill, up to PREFILL_CHUNK tokens
     float* bx;            // (chunk, dim)
     float* bxb;           // (chunk, dim)
@@ -506,6 +515,8 @@ static void require_gpu(void) {
         die("no CUDA GPU (%s): ./run needs an NVIDIA GPU; ./runcpu runs on the CPU",
             e != cudaSuccess ? cudaGetErrorString(e) : "none found");
 }
+
+static void init_decode(Model* m);
 
 static void init_gpu(Model* m, int kv_dtype, int fused) {
     Config* c = &m->config;
@@ -538,6 +549,7 @@ static void init_gpu(Model* m, int kv_dtype, int fused) {
     g->bnll = gpu_alloc(chunk * 4, "prefill losses");
     g->bids = gpu_alloc(2 * chunk * sizeof(int), "prefill token ids");
     m->s.logits = xmalloc((size_t)c->vocab_size * 4, "logits");
+    if (g->fused) init_decode(m);
     size_t free_bytes, total_bytes;
     CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
     fprintf(stderr, "[GPU memory in use: %zu MB of %zu MB]\n", (total_bytes - free_bytes) >> 20, total_bytes >> 20);
@@ -574,7 +586,48 @@ static LayerGpu layer_gpu(const Model* m, int l) {
     return w;
 }
 
-// Enqueues one decode step: token and position come from host_io, the argmax goes back to it.
+// The persistent decode kernel's arguments: the stacked tensors, the caches and the decode buffers.
+// A shape whose rows do not fit its shared memory runs on the chain instead.
+static void init_decode(Model* m) {
+    Config* c = &m->config;
+    struct Gpu* g = m->gpu;
+    const Layout* o = &m->at;
+    g->decode = (DecodeStep){
+        on_gpu(m, o->embedding), on_gpu(m, o->rms_att), on_gpu(m, o->rms_ffn), on_gpu(m, o->q_norm),
+        on_gpu(m, o->k_norm), m->use_k_scale ? on_gpu(m, o->k_scale) : NULL, on_gpu(m, o->bqkv), on_gpu(m, o->wqkv),
+        on_gpu(m, o->wo), on_gpu(m, o->w_gate_up), on_gpu(m, o->w_down), on_gpu(m, o->rms_final),
+        on_gpu(m, o->lm_head), g->key_cache, g->value_cache, g->x, g->qkv, g->att, g->hb, g->logits, g->scratch,
+        NULL, g->io, c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size,
+        m->seq_len, c->wdtype, g->kv_dtype, c->rope_theta, c->eps};
+    if (decode_step_stages(&g->decode) == 0) {
+        fprintf(stderr, "[decode: this shape's rows do not fit the persistent kernel's shared memory; "
+                "running the chain of kernels (-a 0)]\n");
+        g->fused = 0;
+        return;
+    }
+    size_t words = decode_sync_words(c->n_layers, c->n_kv_heads);
+    g->decode.sync = gpu_alloc(words * sizeof(unsigned), "decode counters");
+    CUDA_CHECK(cudaMemset(g->decode.sync, 0, words * sizeof(unsigned)));
+    CUDA_CHECK(cudaHostAlloc((void**)&g->results, 2 * sizeof(int), cudaHostAllocMapped));
+    CUDA_CHECK(cudaHostGetDevicePointer((void**)&g->results_dev, g->results, 0));
+    for (int i = 0; i < 2; i++) CUDA_CHECK(cudaEventCreateWithFlags(&g->done[i], cudaEventDisableTiming));
+    g->ahead_pos = -1;
+}
+
+// Enqueues one step of the persistent kernel (token < 0: the argmax of the step before, on the GPU,
+// at its position + 1), and the copy of its logits when the caller reads them. Returns its slot.
+static int enqueue_decode(Model* m, int token, int pos) {
+    struct Gpu* g = m->gpu;
+    int slot = g->next_slot;
+    g->next_slot ^= 1;
+    decode_step_gpu(&g->decode, token, pos, g->results_dev + slot, g->stream);
+    if (m->need_logits)
+        CUDA_CHECK(cudaMemcpyAsync(m->s.logits, g->logits, (size_t)m->config.vocab_size * 4, cudaMemcpyDeviceToHost, g->stream));
+    CUDA_CHECK(cudaEventRecord(g->done[slot], g->stream));
+    return slot;
+}
+
+// Enqueues one decode step of the chain: token and position come from host_io, the argmax goes back to it.
 static void enqueue_step(Model* m) {
     Config* c = &m->config;
     struct Gpu* g = m->gpu;
@@ -585,21 +638,15 @@ static void enqueue_step(Model* m) {
     embed_gpu(g->x, on_gpu(m, m->at.embedding), wt, g->io, 1, D, st);
     for (int l = 0; l < c->n_layers; l++) {
         LayerGpu w = layer_gpu(m, l);
-        if (g->fused) {  // x += o_proj(attention(rope(qk_norm(qkv(rmsnorm(x)))))) in one kernel
-            AttentionLayer layer = {g->x, w.rms_att, w.wqkv, w.bqkv, w.q_norm, w.k_norm, w.k_scale, w.wo,
-                                    w.k_cache, w.v_cache, pos, g->qkv, g->att, g->scratch, D, c->n_heads,
-                                    c->n_kv_heads, hd, m->seq_len, wt, g->kv_dtype, c->rope_theta, c->eps};
-            attention_fused_gpu(&layer, st);
-        } else {  // the same, one kernel per step
-            float *q = g->qkv, *k = q + q_dim(c), *v = k + kv_dim(c);
-            rmsnorm_gpu(g->xb, g->x, w.rms_att, 1, D, c->eps, st);
-            matvec_gpu(g->qkv, w.wqkv, wt, g->xb, w.bqkv, QKV, D, 0, st);
-            qk_norm_rope_gpu(q, k, v, w.q_norm, w.k_norm, w.k_scale, w.k_cache, w.v_cache, g->kv_dtype, pos,
-                             c->n_heads, c->n_kv_heads, hd, c->rope_theta, c->eps, st);
-            attention_gpu(g->att, q, w.k_cache, w.v_cache, g->kv_dtype, pos, c->n_heads, c->n_kv_heads, hd,
-                          m->seq_len, w.k_scale / sqrtf((float)hd), g->scratch, st);
-            matvec_gpu(g->x, w.wo, wt, g->att, NULL, D, q_dim(c), 1, st);
-        }
+        // x += o_proj(attention(rope(qk_norm(qkv(rmsnorm(x))))))
+        float *q = g->qkv, *k = q + q_dim(c), *v = k + kv_dim(c);
+        rmsnorm_gpu(g->xb, g->x, w.rms_att, 1, D, c->eps, st);
+        matvec_gpu(g->qkv, w.wqkv, wt, g->xb, w.bqkv, QKV, D, 0, st);
+        qk_norm_rope_gpu(q, k, v, w.q_norm, w.k_norm, w.k_scale, w.k_cache, w.v_cache, g->kv_dtype, pos,
+                         c->n_heads, c->n_kv_heads, hd, c->rope_theta, c->eps, st);
+        attention_gpu(g->att, q, w.k_cache, w.v_cache, g->kv_dtype, pos, c->n_heads, c->n_kv_heads, hd,
+                      m->seq_len, w.k_scale / sqrtf((float)hd), g->scratch, st);
+        matvec_gpu(g->x, w.wo, wt, g->att, NULL, D, q_dim(c), 1, st);
         // x += Wdown @ (silu(Wgate @ rmsnorm(x)) * (Wup @ rmsnorm(x)))
         rmsnorm_gpu(g->xb, g->x, w.rms_ffn, 1, D, c->eps, st);
         swiglu_matvec_gpu(g->hb, w.w_gate_up, wt, g->xb, H, D, st);
@@ -623,9 +670,25 @@ static float* finish_gpu(Model* m) {
     return m->s.logits;
 }
 
-// One decode step through the captured graph: ~200 kernels launched as one, no host gaps.
+// One decode step. The persistent kernel: when the caller only reads the argmax (greedy), step
+// pos + 1 is enqueued, with the GPU's argmax as its token, before the host waits for step pos, so
+// the GPU never waits for the host; the next call finds it running. (A caller that then feeds
+// another token at pos + 1 supersedes it: it wrote only cache row pos + 1, which the new step
+// rewrites.) The chain: its captured graph, ~250 kernels launched as one.
 static float* forward_gpu(Model* m, int token, int pos) {
     struct Gpu* g = m->gpu;
+    if (g->fused) {
+        int slot = g->ahead_pos == pos && token == m->next_greedy ? g->ahead_slot : enqueue_decode(m, token, pos);
+        g->ahead_pos = -1;
+        if (!m->need_logits && pos + 1 < m->seq_len) {
+            g->ahead_slot = enqueue_decode(m, -1, pos + 1);
+            g->ahead_pos = pos + 1;
+        }
+        CUDA_CHECK(cudaEventSynchronize(g->done[slot]));
+        m->next_greedy = g->results[slot];
+        if (m->next_greedy < 0) die_not_finite(pos);
+        return m->s.logits;
+    }
     if (!g->step) {
         cudaGraph_t graph;
         CUDA_CHECK(cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal));
@@ -653,6 +716,7 @@ static double forward_batch_gpu(Model* m, const int* ids, int n, int pos, float*
     int D = c->dim, H = c->hidden_dim, hd = c->head_dim, QKV = qkv_dim(c), V = c->vocab_size, wt = c->wdtype;
     int chunk = g->chunk;
     const void* lm_head = on_gpu(m, m->at.lm_head);
+    g->ahead_pos = -1;  // a decode step enqueued ahead is superseded: its cache row is rewritten here
     CUDA_CHECK(cudaMemcpyAsync(g->bids, ids, n * sizeof(int), cudaMemcpyHostToDevice, st));
     if (targets) CUDA_CHECK(cudaMemcpyAsync(g->bids + chunk, targets, n * sizeof(int), cudaMemcpyHostToDevice, st));
     embed_gpu(g->bx, on_gpu(m, m->at.embedding), wt, g->bids, n, D, st);
@@ -1105,7 +1169,7 @@ static void usage(void) {
         "  -o FILE  logits: write every position's float32 logits here\n"
         "  -z FILE  tokenizer (default: tokenizer.bin in the current directory, else beside the program)\n"
         "  -v 0|1   print the prompt's and the generated token ids to stderr\n"
-        "  -a 0|1   GPU: one kernel per attention step (0, default: measured faster) or the fused kernel (1)\n"
+        "  -a 0|1   GPU decode: one persistent kernel per token (1, default) or the chain of kernels (0)\n"
         "  -e bf16|fp16  GPU: KV cache dtype (default bf16)\n"
         "  -K 0|1   use the checkpoint's per-layer K scale (default 1; 0 shows why it exists)\n"
         "  -h       this help (also --help)\n");
@@ -1138,7 +1202,7 @@ static const char* default_tokenizer(void) {
 }
 
 int main(int argc, char** argv) {
-    Options o = {.mode = GENERATE, .thinking = 1, .use_k_scale = 1};
+    Options o = {.mode = GENERATE, .thinking = 1, .use_k_scale = 1, .fused = 1};
     float temperature = -1, top_p = -1, min_p = 0;
     int top_k = 20;
     uint64_t seed = (uint64_t)time(NULL);

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one call: build, kernel checks, parity with Hugging Face,
 # compute-sanitizer, benchmark. Run from the repo root on the GPU machine (torch, transformers):
-#     bash tests/gpu.sh [kernels | kernels-quick] [prefill] [parity] [sanitizer] [bench]
-# (default: kernels prefill parity sanitizer bench). `ab` times decode of ./run against
+#     bash tests/gpu.sh [kernels | kernels-quick] [prefill] [parity] [sanitizer] [bench | decode]
+# (default: kernels prefill parity sanitizer bench; `decode`: the benchmark's decode table alone,
+# every shape, the persistent kernel against the chain). `ab` times decode of ./run against
 # .gpu/run-base, another build (e.g. of main) carried along. Text and tokenizer come from data/
 # (tinyshakespeare and Qwen3's tokenizer files, xz), decompressed into the work folder. Logs go to
 # $OUT (or /tmp/gpu-out); the tables are printed last, then one line per step. Under a time limit,
@@ -43,7 +44,7 @@ summary() {  # the tables: failing kernel cases, the parity table, the benchmark
         [ -f "$OUT/$f.log" ] && grep -E 'FAIL' "$OUT/$f.log" | grep -v '^== ' | sed "s/^/$f: /"
     done
     [ -f "$OUT/parity.log" ] && sed -n '/^model  *| run /,$p' "$OUT/parity.log"
-    [ -f "$OUT/bench.log" ] && sed -n '/^$/,$p' "$OUT/bench.log" | tail -n 20
+    for f in bench decode; do [ -f "$OUT/$f.log" ] && sed -n '/^$/,$p' "$OUT/$f.log" | tail -n 40; done
     [ -f "$OUT/ab.log" ] && sed -n '/^$/,$p' "$OUT/ab.log" | tail -n 8
     echo
     echo "$gpu, commit $commit, $(date -u +%Y-%m-%d)"
@@ -67,9 +68,15 @@ gpu=$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=c
 # name the commit the tree is at with COMMIT=... (from your checkout) for the tables to say it.
 commit=${COMMIT:-"$(git rev-parse --short HEAD 2>/dev/null || echo "no git") (from git: set COMMIT)"}
 start=$SECONDS
-make -s -j"$(nproc)" run runcpu build/libkernels.so >"$OUT/build.log" 2>&1
-rc=$?
-record build "$rc" $((SECONDS - start)) "make -j$(nproc) run runcpu build/libkernels.so"
+if [ -n "${PREBUILT:-}" ]; then  # PREBUILT=1: run, runcpu and build/libkernels.so came built from this tree
+    ls run runcpu build/libkernels.so >"$OUT/build.log" 2>&1
+    rc=$?
+    record build "$rc" 0 "prebuilt (PREBUILT=1)"
+else
+    make -s -j"$(nproc)" run runcpu build/libkernels.so >"$OUT/build.log" 2>&1
+    rc=$?
+    record build "$rc" $((SECONDS - start)) "make -j$(nproc) run runcpu build/libkernels.so"
+fi
 [ "$rc" = 0 ] || { tail -30 "$OUT/build.log"; exit 1; }
 for f in tinyshakespeare.txt qwen3-tokenizer/tokenizer.json qwen3-tokenizer/tokenizer_config.json; do
     unpack "$f" || { echo "error: cannot unpack data/$f into $WORK"; exit 1; }
@@ -85,12 +92,12 @@ for s in $steps; do
     parity) step parity '^parity: ' python3 tests/gpu_parity.py "$WORK" "$text" "$tokenizer" ;;
     sanitizer)
         # a 12-token prefill, then decode: the tiny GQA fixture (head_dim 32, the CUDA-core prefill
-        # attention) with the fused and the unfused decode attention; the demo (head_dim 64, the
-        # tensor-core flash attention of prefill) unfused
+        # attention) and the demo (head_dim 64, the tensor-core flash attention of prefill), each
+        # with the persistent decode kernel (-a 1) and the chain (-a 0)
         python3 export.py tests/fixtures/qwen3_gqa2_bf16 "$WORK/tiny.bin" >/dev/null 2>&1
         python3 export.py demo "$WORK/demo.bin" >/dev/null 2>&1
         echo "1 2 3 4 5 6 7 8 9 10 11 12" >"$WORK/ids.txt"
-        for run in tiny-a1 tiny-a0 demo-a0; do
+        for run in tiny-a1 tiny-a0 demo-a1 demo-a0; do
             model=${run%-a*} fused=${run#*-a}
             step "memcheck-$run" 'ERROR SUMMARY' compute-sanitizer --tool memcheck --error-exitcode 9 \
                 ./run "$WORK/$model.bin" -m logits -f "$WORK/ids.txt" -n 20 -a "$fused"
@@ -98,6 +105,7 @@ for s in $steps; do
                 ./run "$WORK/$model.bin" -m logits -f "$WORK/ids.txt" -n 4 -a "$fused"
         done ;;
     bench) step bench '^ours / HF: prefill' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" ;;
+    decode) step decode 'persistent / chain' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" decode ;;
     ab) step ab '^decode tok/s at context 4096, \./run' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" \
             --against .gpu/run-base ;;
     *) echo "unknown step $s"; record "$s" 2 0 "unknown step" ;;

@@ -1,12 +1,21 @@
 """Speed of ./run against the memory-bandwidth floor and against Hugging Face, in one run.
 
 Runs on the GPU machine from the repo root after `make run`:
-    python3 tests/gpu_bench.py WORKDIR TEXT_FILE TOKENIZER_DIR [--against OTHER_BUILD]
-Uses WORKDIR/qwen3-0.6b (the seeded random Qwen3-0.6B-config model that gpu_parity.py saves)
-and its bf16 export, building them if absent. Prints one table last; writes WORKDIR/bench.json.
+    python3 tests/gpu_bench.py WORKDIR TEXT_FILE TOKENIZER_DIR [decode] [--against OTHER_BUILD]
+Prints one table last; writes WORKDIR/bench.json.
+- decode table (always): synthetic checkpoints of the Qwen3 0.6B, 1.7B, 4B, 8B and 14B shapes
+  (written straight from README's format, random bf16 weights: speed does not depend on the values;
+  one at a time, deleted after use), 128 greedy tokens after a prompt of 128 tokens, the persistent
+  kernel (-a 1) and the chain (-a 0) in the same run; the 0.6B shape also at contexts 1024, 4096
+  and 32768, and with fp16 weights.
+- the rest (without `decode`): prefill, perplexity mode, load time and memory on WORKDIR/qwen3-0.6b
+  (the seeded random Qwen3-0.6B-config model that gpu_parity.py saves; built if absent), and Hugging
+  Face transformers on the same weights.
+- --against BIN: only decode of the 0.6B shape, ./run against another build, alternating.
 
-Floor of a decode step: every weight byte read once (the tied embedding counts once, as the LM
-head) plus the K/V bytes of the context, over the measured device-to-device copy bandwidth.
+Floor of a decode step: every weight byte the step reads once (all matrices; of the embedding one
+row, unless it is tied to the LM head) plus the K/V bytes of the context, over the measured
+device-to-device copy bandwidth.
 """
 import json
 import os
@@ -15,14 +24,53 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_model import HEADER, HEADER_FIELDS, tensor_layout  # noqa: E402  (README's checkpoint layout)
 
 work, text_file, tok_dir = sys.argv[1:4]
 # --against BIN: only decode, ./run against another build (BIN), alternating, in this one run
 against = sys.argv[sys.argv.index("--against") + 1] if "--against" in sys.argv else None
+decode_only = "decode" in sys.argv[4:]
 torch.set_grad_enabled(False)
 rows = []
+HEAD_DIM, VOCAB = 128, 151936
+SHAPES = {  # name: n_layers, dim, hidden_dim, n_heads, n_kv_heads, tied embedding (Qwen3's configs)
+    "0.6B": (28, 1024, 3072, 16, 8, True),
+    "1.7B": (28, 2048, 6144, 16, 8, True),
+    "4B": (36, 2560, 9728, 32, 8, True),
+    "8B": (36, 4096, 12288, 32, 8, False),
+    "14B": (40, 5120, 17408, 40, 8, False),
+}
+
+
+def synthetic(path, shape, wdtype=1):
+    """A checkpoint of a Qwen3 shape (README's layout), matrices random N(0, 0.02^2) in bf16 (1) or fp16
+    (2), one 32 MB block of them repeated; norms and k_scale 1. Returns (bytes a decode step reads
+    besides the cache, K/V bytes per token of context)."""
+    L, D, H, nh, nkv, tied = SHAPES[shape]
+    h = dict(magic=0x334E5751, version=1, dim=D, hidden_dim=H, n_layers=L, n_heads=nh, n_kv_heads=nkv,
+             head_dim=HEAD_DIM, vocab_size=VOCAB, max_seq_len=40960, rope_theta=1e6, eps=1e-6, wdtype=wdtype,
+             flags=(1 if tied else 0) | 2)
+    layout, h["file_size"] = tensor_layout(h)
+    values = np.random.default_rng(0).standard_normal(1 << 24, dtype=np.float32) * 0.02
+    block = (values.view(np.uint32) >> 16).astype(np.uint16) if wdtype == 1 else values.astype(np.float16)
+    with open(path, "wb") as f:
+        f.write(HEADER.pack(*(h[k] for k in HEADER_FIELDS)))
+        for name, at, shape_, dtype in layout:
+            f.seek(at)
+            n = int(np.prod(shape_))
+            if np.dtype(dtype) == np.float32:  # norms, k_scale
+                f.write(np.ones(n, np.float32).tobytes())
+                continue
+            for i in range(0, n, len(block)):
+                f.write(block[:min(len(block), n - i)].tobytes())
+        f.truncate(h["file_size"])
+    read = h["file_size"] - 256 - (0 if tied else VOCAB * D * 2)
+    return read, L * 2 * nkv * HEAD_DIM * 2
 
 
 def copy_bandwidth():
@@ -58,53 +106,67 @@ def field(pattern, text):
     return float(m.group(1))
 
 
+def decode_tps(binary, checkpoint, prompt, fused=1, context=8192):
+    _, err = run([binary, checkpoint, "-i", prompt, "-t", "0", "-n", "128", "-c", str(context), "-a", str(fused)])
+    return field(r"\[decode: \d+ tokens, ([\d.]+) tok/s", err), err
+
+
+def decode_table(bw, prompt_of):
+    """Every shape at context 128, both paths; the 0.6B shape at longer contexts and in fp16."""
+    runs = [("0.6B", 1, (128, 1024, 4096, 32768)), ("0.6B", 2, (128,))] + [(s, 1, (128,)) for s in list(SHAPES)[1:]]
+    for shape, wdtype, contexts in runs:
+        checkpoint = os.path.join(work, f"synthetic-{shape}.bin")
+        read, kv_per_token = synthetic(checkpoint, shape, wdtype)
+        for ctx in contexts:
+            floor = bw / (read + kv_per_token * (ctx + 64))  # tok/s if a step only moved its bytes
+            tps = {fused: decode_tps("./run", checkpoint, prompt_of(ctx), fused, ctx + 256)[0] for fused in (1, 0)}
+            for fused in (1, 0):
+                rows.append((f"{shape} {'bf16' if wdtype == 1 else 'fp16'}, context {ctx}, "
+                             + ("persistent kernel" if fused else "chain of kernels"),
+                             f"{tps[fused]:.0f}", f"floor {floor:.0f}", f"{tps[fused] / floor:.0%}"))
+            rows.append((f"  persistent / chain", f"{tps[1] / tps[0]:.2f}x", "", ""))
+        os.remove(checkpoint)
+
+
 def main():
     gpu = torch.cuda.get_device_name()
     bw = copy_bandwidth()
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    text = open(text_file, encoding="utf-8").read()
+    ids = tok.encode(text[:400000])
+    prompt_of = lambda n: tok.decode(ids[:n])  # noqa: E731 (about n tokens of Shakespeare)
+    rows.append(("device-to-device copy", f"{bw / 1e12:.2f} TB/s", "", ""))
+
+    if against:  # A/B: three alternating runs each, medians
+        checkpoint = os.path.join(work, "synthetic-0.6B.bin")
+        read, kv_per_token = synthetic(checkpoint, "0.6B")
+        for ctx in (128, 1024, 4096):
+            floor = bw / (read + kv_per_token * (ctx + 64))
+            times = {b: [] for b in ("./run", against)}
+            for _ in range(3):
+                for b in times:
+                    times[b].append(decode_tps(b, checkpoint, prompt_of(ctx))[0])
+            for b, t in times.items():
+                tps = sorted(t)[1]
+                rows.append((f"decode tok/s at context {ctx}, {b}", f"{tps:.0f} ({', '.join(f'{x:.0f}' for x in t)})",
+                             f"floor {floor:.0f}", f"{tps / floor:.0%}"))
+        return print_table(gpu)
+
+    decode_table(bw, prompt_of)
+    if decode_only:
+        return print_table(gpu)
+
     path = os.path.join(work, "qwen3-0.6b")
     checkpoint = os.path.join(work, "qwen3-0.6b.bf16.bin")
     if not os.path.exists(checkpoint):
         if not os.path.exists(path):
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from gpu_parity import build  # noqa: E402  (builds and saves the same seeded model)
             build("qwen3-0.6b", 10, path)
         run([sys.executable, "export.py", path, checkpoint, "--dtype", "bf16"])
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    text = open(text_file, encoding="utf-8").read()
-    ids = tok.encode(text[:400000])
-    weight_bytes = os.path.getsize(checkpoint) - 256
-    kv_per_token = 28 * 2 * 8 * 128 * 2
-    rows.append(("device-to-device copy", f"{bw / 1e12:.2f} TB/s", "", ""))
-
-    def floor(ctx):  # tok/s if a step only moved the weights and the K/V of its context
-        return bw / (weight_bytes + kv_per_token * (ctx + 64))
-
-    def decode_tps(binary, ctx, fused=0):
-        _, err = run([binary, checkpoint, "-i", tok.decode(ids[:ctx]), "-t", "0", "-n", "128", "-c", "8192",
-                      "-a", str(fused)])
-        return field(r"\[decode: \d+ tokens, ([\d.]+) tok/s", err), err
-
-    if against:  # A/B: three alternating runs each, medians
-        for ctx in (128, 1024, 4096):
-            times = {b: [] for b in ("./run", against)}
-            for _ in range(3):
-                for b in times:
-                    times[b].append(decode_tps(b, ctx)[0])
-            for b, t in times.items():
-                tps = sorted(t)[1]
-                rows.append((f"decode tok/s at context {ctx}, {b}", f"{tps:.0f} ({', '.join(f'{x:.0f}' for x in t)})",
-                             f"floor {floor(ctx):.0f}", f"{tps / floor(ctx):.0%}"))
-        return print_table(gpu)
-
-    # decode at several contexts: a prompt of that many tokens, then 128 greedy tokens; one kernel
-    # per attention step (-a 0, the default) and the fused attention kernel (-a 1)
-    for ctx, fused in ((128, 0), (1024, 0), (4096, 0), (128, 1), (4096, 1)):
-        tps, err = decode_tps("./run", ctx, fused)
-        label = f"decode tok/s at context {ctx}" + (", fused attention kernel" if fused else "")
-        rows.append((label, f"{tps:.0f}", f"floor {floor(ctx):.0f}", f"{tps / floor(ctx):.0%}"))
-        if ctx == 128 and not fused:
-            load = field(r"in ([\d.]+) s:", err)
-            mem = field(r"GPU memory in use: (\d+) MB", err)
+    tps, err = decode_tps("./run", checkpoint, prompt_of(128))
+    rows.append(("decode tok/s at context 128 (qwen3-0.6b, trained-shape random model)", f"{tps:.0f}", "", ""))
+    load = field(r"in ([\d.]+) s:", err)
+    mem = field(r"GPU memory in use: (\d+) MB", err)
     for n in (512, 2048):
         _, err = run(["./run", checkpoint, "-i", tok.decode(ids[:n]), "-t", "0", "-n", "1", "-c", "4096"])
         prefill = field(r"\[prefill: \d+ tokens, ([\d.]+) tok/s", err)
@@ -134,14 +196,13 @@ def main():
             times.append(time.perf_counter() - t)
         return sorted(times)[reps // 2]
 
-    gen = lambda n: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    gen = lambda n: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)  # noqa: E731
     hf_decode = 128 / (timed(lambda: gen(129), 3) - timed(lambda: gen(1), 3))
     hf_prefill = 2048 / timed(lambda: model(torch.tensor([ids[:2048]]).cuda()))
     rows.append(("HF generate decode tok/s at context 128 (bf16, sdpa)", f"{hf_decode:.0f}", "", ""))
     rows.append(("HF prefill tok/s, 2048 tokens (bf16, sdpa)", f"{hf_prefill:.0f}", "", ""))
-    ours_decode = float(rows[1][1])
     ours_prefill = float(next(r[1] for r in rows if r[0].startswith("prefill tok/s, 2048")))
-    rows.append(("ours / HF: decode", f"{ours_decode / hf_decode:.1f}x", "", ""))
+    rows.append(("ours / HF: decode", f"{tps / hf_decode:.1f}x", "", ""))
     rows.append(("ours / HF: prefill 2048", f"{ours_prefill / hf_prefill:.2f}x", "target 2.5x", ""))
 
     print_table(gpu)

@@ -1,6 +1,6 @@
 """Checks every CUDA launcher of kernels.h against a torch float64 reference, on the GPU machine.
 
-    python3 tests/gpu_kernels.py            all cases, then timings of the fused attention kernel
+    python3 tests/gpu_kernels.py            all cases
     python3 tests/gpu_kernels.py --quick    a few small cases (for compute-sanitizer runs)
     KERNELS_LIB=other/libkernels.so python3 tests/gpu_kernels.py --quick
                                             the same cases against another build of the kernels
@@ -39,14 +39,6 @@ def build():
     subprocess.run(["make", "-s", "build/libkernels.so"], cwd=ROOT, check=True)
 
 
-class AttentionLayer(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_void_p) for n in ("x", "rms_att", "wqkv", "bqkv", "q_norm", "k_norm")] + \
-               [("k_scale", ctypes.c_float)] + \
-               [(n, ctypes.c_void_p) for n in ("wo", "k_cache", "v_cache", "pos", "qkv", "att", "scratch")] + \
-               [(n, ctypes.c_int) for n in ("dim", "n_heads", "n_kv_heads", "head_dim", "seq_len", "wdtype", "kv_dtype")] + \
-               [("theta", ctypes.c_float), ("eps", ctypes.c_float)]
-
-
 if not os.environ.get("KERNELS_LIB"):
     build()
 lib = ctypes.CDLL(LIB)
@@ -61,7 +53,6 @@ lib.cross_entropy_gpu.argtypes = [P, P, P, I, I, S]
 lib.attention_scratch_floats.argtypes = [I, I, I]
 lib.attention_scratch_floats.restype = ctypes.c_size_t
 lib.attention_gpu.argtypes = [P, P, P, P, I, P, I, I, I, I, Fl, P, S]
-lib.attention_fused_gpu.argtypes = [ctypes.POINTER(AttentionLayer), S]
 
 dev = torch.device("cuda")
 torch.manual_seed(20251121)
@@ -336,181 +327,12 @@ def test_attention_seeds():
                TOL_F32, close)
 
 
-# ---- the fused attention half of a layer ----------------------------------------------------------
-
-SHAPES = {  # name: dim, n_heads, n_kv_heads, head_dim, bias, qk norm
-    "Qwen3-0.6B": (1024, 16, 8, 128, False, True),
-    "Qwen3-4B": (2560, 32, 8, 128, False, True),
-    "Qwen2.5-0.5B": (896, 14, 2, 64, True, False),
-    "tiny ratio 7": (112, 7, 1, 16, True, False),
-    "tiny qwen3 gqa2": (64, 4, 2, 32, False, True),
-}
-
-
-def make_layer(shape, wdt, kvdt, seq, k_scale=1.0):
-    dim, nh, nkv, hd, bias, norm = SHAPES[shape]
-    qkv_rows = (nh + 2 * nkv) * hd
-    L = dict(dim=dim, nh=nh, nkv=nkv, hd=hd, seq=seq, wdt=wdt, kvdt=kvdt, k_scale=k_scale,
-             x=randn(dim, scale=2.0), rms_att=torch.rand(dim, device=dev) + 0.5,
-             wqkv=randn(qkv_rows, dim, dtype=wdt, scale=1 / math.sqrt(dim)),
-             bqkv=randn(qkv_rows, scale=0.5) if bias else None,
-             q_norm=(torch.rand(hd, device=dev) + 0.5) if norm else None,
-             k_norm=kv_gains(hd, False) if norm else None,
-             wo=randn(dim, nh * hd, dtype=wdt, scale=1 / math.sqrt(nh * hd)),
-             kc=randn(seq, nkv, hd, dtype=kvdt), vc=randn(seq, nkv, hd, dtype=kvdt))
-    return L
-
-
-def unfused_steps(L, x, kc, vc, pos_t, bufs):
-    """The unfused chain as (name, launch) steps: rmsnorm, qkv matvec, qk_norm_rope, attention, o_proj."""
-    dim, nh, nkv, hd, wd = L["dim"], L["nh"], L["nkv"], L["hd"], DT[L["wdt"]]
-    xn, qkv, att, scratch = bufs
-    q, k, v = qkv[: nh * hd], qkv[nh * hd: (nh + nkv) * hd], qkv[(nh + nkv) * hd:]
-    return [
-        ("rmsnorm", lambda: lib.rmsnorm_gpu(ptr(xn), ptr(x), ptr(L["rms_att"]), 1, dim, 1e-6, stream())),
-        ("qkv matvec", lambda: lib.matvec_gpu(ptr(qkv), ptr(L["wqkv"]), wd, ptr(xn), ptr(L["bqkv"]), qkv.numel(), dim,
-                                              0, stream())),
-        ("qk_norm_rope", lambda: lib.qk_norm_rope_gpu(ptr(q), ptr(k), ptr(v), ptr(L["q_norm"]), ptr(L["k_norm"]),
-                                                      L["k_scale"], ptr(kc), ptr(vc), DT[L["kvdt"]], ptr(pos_t), nh,
-                                                      nkv, hd, 1e6, 1e-6, stream())),
-        ("attention", lambda: lib.attention_gpu(ptr(att), ptr(q), ptr(kc), ptr(vc), DT[L["kvdt"]], ptr(pos_t), nh, nkv,
-                                                hd, L["seq"], L["k_scale"] / math.sqrt(hd), ptr(scratch), stream())),
-        ("o_proj matvec + residual", lambda: lib.matvec_gpu(ptr(x), ptr(L["wo"]), wd, ptr(att), None, dim, nh * hd, 1,
-                                                            stream())),
-    ]
-
-
-def unfused_chain(L, x, kc, vc, pos_t, bufs):
-    for _, step in unfused_steps(L, x, kc, vc, pos_t, bufs):
-        step()
-
-
-def chain_buffers(L):
-    nh, nkv, hd = L["nh"], L["nkv"], L["hd"]
-    return (nan_like((L["dim"],)), nan_like(((nh + 2 * nkv) * hd,)), nan_like((nh * hd,)),
-            nan_like((lib.attention_scratch_floats(nh, hd, L["seq"]),)))
-
-
-def fused_struct(L, x, kc, vc, pos_t, bufs):
-    _, qkv, att, scratch = bufs
-    return AttentionLayer(ptr(x), ptr(L["rms_att"]), ptr(L["wqkv"]), ptr(L["bqkv"]), ptr(L["q_norm"]),
-                          ptr(L["k_norm"]), L["k_scale"], ptr(L["wo"]), ptr(kc), ptr(vc), ptr(pos_t), ptr(qkv),
-                          ptr(att), ptr(scratch), L["dim"], L["nh"], L["nkv"], L["hd"], L["seq"], DT[L["wdt"]],
-                          DT[L["kvdt"]], 1e6, 1e-6)
-
-
-def layer_ref(L, x, kc, pos):  # the x increment in float64; kc is the cache the kernel wrote
-    nh, nkv, hd = L["nh"], L["nkv"], L["hd"]
-    h = rmsnorm_ref(x, L["rms_att"], 1e-6)
-    qkv = L["wqkv"].double() @ h + (L["bqkv"].double() if L["bqkv"] is not None else 0)
-    q = norm_rope_ref(qkv[: nh * hd].view(nh, hd), L["q_norm"], pos, 1e6, 1e-6)
-    att = attention_ref(q, kc, L["vc_after"], pos, L["k_scale"] / math.sqrt(hd))
-    return L["wo"].double() @ att.flatten()
-
-
-def test_fused():
-    cases = [("Qwen3-0.6B", torch.bfloat16, torch.bfloat16, 8192, [0, 1, 127, 2049, 5000]),
-             ("Qwen3-0.6B", torch.float32, torch.float16, 4096, [300, 4095]),
-             ("Qwen3-4B", torch.bfloat16, torch.bfloat16, 8192, [5, 4100]),
-             ("Qwen2.5-0.5B", torch.bfloat16, torch.bfloat16, 8192, [0, 2500, 8191]),
-             ("Qwen2.5-0.5B", torch.float16, torch.float16, 1024, [700]),
-             ("tiny ratio 7", torch.float32, torch.bfloat16, 512, [0, 33, 511]),
-             ("tiny qwen3 gqa2", torch.bfloat16, torch.float16, 512, [3, 300])]
-    if QUICK:
-        cases = [("Qwen3-0.6B", torch.bfloat16, torch.bfloat16, 1024, [700]),
-                 ("Qwen2.5-0.5B", torch.float32, torch.float16, 256, [100]), ("tiny ratio 7", torch.float32, torch.bfloat16, 128, [5])]
-    for shape, wdt, kvdt, seq, positions in cases:
-        L = make_layer(shape, wdt, kvdt, seq, k_scale=2.0 if kvdt == torch.float16 else 1.0)
-        for pos in positions:
-            pos_t = dev_int(pos)
-            x_u, kc_u, vc_u = L["x"].clone(), L["kc"].clone(), L["vc"].clone()
-            unfused_chain(L, x_u, kc_u, vc_u, pos_t, chain_buffers(L))
-            x_f, kc_f, vc_f = L["x"].clone(), L["kc"].clone(), L["vc"].clone()
-            bufs = chain_buffers(L)
-            lib.attention_fused_gpu(ctypes.byref(fused_struct(L, x_f, kc_f, vc_f, pos_t, bufs)), stream())
-            L["vc_after"] = vc_f
-            ref = layer_ref(L, L["x"], kc_f, pos)
-            tag = f"{shape} w={NAME[wdt]} pos={pos} seq={seq}"
-            d_u, d_f = x_u.double() - L["x"].double(), x_f.double() - L["x"].double()
-            # row pos may differ by one rounding of the cache dtype where q/k differ in the last fp32 bit
-            others_equal = bool(torch.equal(kc_u[:pos], kc_f[:pos]) and torch.equal(vc_u[:pos], vc_f[:pos]))
-            record(f"fused vs unfused: x increment, {tag}", NAME[kvdt], d_f, d_u, TOL_F32)
-            record(f"fused vs unfused: K,V cache row pos, rows < pos untouched: {others_equal}, {tag}", NAME[kvdt],
-                   torch.stack([kc_f[pos], vc_f[pos]]), torch.stack([kc_u[pos], vc_u[pos]]), TOL_STORE[kvdt],
-                   others_equal)
-            record(f"fused vs fp64: x increment, {tag}", NAME[kvdt], d_f, ref, 1e-4)
-            record(f"unfused vs fp64: x increment, {tag}", NAME[kvdt], d_u, ref, 1e-4)
-
-
-# ---- timings ------------------------------------------------------------------------------------
-
-def time_fused(report):
-    """Qwen3-0.6B attention half, bf16 weights and KV, 8 layers' weights and caches in rotation so the
-    ~12.6 MB per layer cannot sit in the 50 MB L2. Median over 50 batches of 8 layers."""
-    layers = [make_layer("Qwen3-0.6B", torch.bfloat16, torch.bfloat16, 8192) for _ in range(8)]
-    bufs = [chain_buffers(L) for L in layers]
-    wbytes = layers[0]["wqkv"].numel() * 2 + layers[0]["wo"].numel() * 2
-    for pos in (128, 4096):
-        pos_t = dev_int(pos)
-        kvbytes = (pos + 1) * 8 * 128 * 2 * 2
-        predicted = (wbytes + kvbytes) / 3.0e12 * 1e6
-        structs = [fused_struct(L, L["x"], L["kc"], L["vc"], pos_t, b) for L, b in zip(layers, bufs)]
-
-        def fused():
-            for st in structs:
-                lib.attention_fused_gpu(ctypes.byref(st), stream())
-
-        def unfused():
-            for L, b in zip(layers, bufs):
-                unfused_chain(L, L["x"], L["kc"], L["vc"], pos_t, b)
-
-        timings = {"fused": median_us(fused), "unfused chain": median_us(unfused)}
-        graphs = [("unfused chain, CUDA graph", unfused), ("fused, CUDA graph", fused)]
-        for i, (step, _) in enumerate(unfused_steps(layers[0], layers[0]["x"], layers[0]["kc"], layers[0]["vc"],
-                                                    pos_t, bufs[0])):
-            steps = [unfused_steps(L, L["x"], L["kc"], L["vc"], pos_t, b)[i][1] for L, b in zip(layers, bufs)]
-            graphs.append((f"  step {step}, graph", lambda steps=steps: [f() for f in steps]))
-        for name, fn in graphs:
-            try:
-                g = torch.cuda.CUDAGraph()
-                fn()
-                torch.cuda.synchronize()
-                with torch.cuda.graph(g):
-                    fn()
-                timings[name] = median_us(g.replay)
-            except Exception as e:  # report, do not fail: graph capture is the driver's business
-                timings[name] = f"capture failed: {str(e)[:80]}"
-        for name, t in timings.items():
-            report.append((pos, name, t, predicted))
-
-
-def median_us(fn, reps=50):
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / 8)
-    return sorted(times)[len(times) // 2]
-
-
 def main():
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     for test in (test_rmsnorm, test_matvec, test_swiglu, test_embed, test_argmax, test_cross_entropy, test_qk_norm_rope,
-                 test_attention_seeds, test_fused):
+                 test_attention_seeds):
         test()
         torch.cuda.synchronize()
-    report = []
-    if not QUICK:
-        time_fused(report)
-        print("\ntimings, Qwen3-0.6B attention half per layer (bf16 weights, bf16 KV), median us:")
-        for pos, name, t, predicted in report:
-            tt = f"{t:8.2f}" if isinstance(t, float) else t
-            print(f"  pos {pos:5d}  {name:28s} {tt}   (bytes / 3 TB/s: {predicted:.2f})")
     print(f"\n{'case':100s} {'dtype':5s} {'rel-L2':>9s} {'max abs':>9s} {'tol':>8s}  result")
     for case, dtype, rel, mae, tol, ok in results:
         print(f"{case:100s} {dtype:5s} {rel:9.2e} {mae:9.2e} {tol:8.1e}  {'pass' if ok else 'FAIL'}")

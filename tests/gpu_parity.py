@@ -50,6 +50,11 @@ square of the reference logits at that position.
      and that difference (if any) at a step whose HF top-2 gap (ref.json's greedy_margins) is under
      the run's noise there, 6 x its bound x rms.
 
+   Generate mode, greedy (the demo and qwen3-0.6b, bf16): the persistent decode kernel enqueues each
+   step before the host has read the token of the step before (the GPU's argmax feeds it); its
+   tokens must equal those of logits mode (one step at a time, the host feeding each token) on the
+   same prompt ids, bit for bit: the same kernel computes both.
+
 4. Tight: ./run with fp32 weights against ./runcpu (float32 throughout) on the same file, per
    position: the fed tokens (prefill) and 64 greedy steps (decode, fused and unfused kernels), both
    KV types. With fp32 weights the GPU's products run in fp32 on the CUDA cores, so the two programs
@@ -86,6 +91,7 @@ import traceback
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -250,6 +256,22 @@ def head_dim_of(config):
 
 def hf_logits(model, ids):
     return model(torch.tensor([ids]).cuda()).logits[0].float().cpu().numpy()
+
+
+def lookahead(name, checkpoint, prompt_text, tokenizer, steps, context):
+    """Generate mode's greedy tokens (each step enqueued ahead, fed by the GPU's argmax) against logits
+    mode's (fed by the host) on the prompt ids generate mode reports: equal, up to generate's stop."""
+    r = subprocess.run(["./run", checkpoint, "-z", tokenizer, "-i", prompt_text, "-t", "0", "-n", str(steps),
+                        "-c", str(context), "-v", "1"], capture_output=True, text=True, timeout=300)
+    if r.returncode:
+        raise RuntimeError(f"generate failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+    found = {k: [int(t) for t in v.split()] for k, v in re.findall(r"^(prompt|generated) ids:(.*)$", r.stderr, re.M)}
+    prompt_ids, generated = found["prompt"], found.get("generated", [])
+    host_fed = logits_run("./run", checkpoint, prompt_ids, steps, context, "bf16", 1)[1]
+    ok = len(generated) > 0 and generated == host_fed[:len(generated)]
+    add_row(name, "bf16 w, bf16 KV, fused, generate mode: steps enqueued ahead",
+            f"{len(generated)} tokens vs logits mode", "-",
+            f"{first_difference(generated, host_fed)}/{len(generated)} equal", ok)
 
 
 # ---- part 4: ./run with fp32 weights against ./runcpu ----------------------------------------------
@@ -431,6 +453,9 @@ def demo(text):
             add_row("demo", f"{wdtype} w, {kv} KV: ppl of the validation split, ctx {ctx}",
                     f"ppl {math.exp(nll):.4f} vs HF fp32 {hf_ppl:.4f}: {rel:.1e} <= {PPL_TOL:.0e}", "-",
                     f"{tokens} tokens (HF {ref['ppl_scored']})", rel <= PPL_TOL and tokens == ref["ppl_scored"])
+    demo_tok = Tokenizer.from_file(os.path.join(DEMO, "tokenizer.json"))
+    lookahead("demo", os.path.join(work, "demo.bf16.bin"), demo_tok.decode(prompt), os.path.join(DEMO, "tokenizer.bin"),
+              len(hf_greedy), ctx)
     config = json.load(open(os.path.join(DEMO, "config.json")))
     tight("demo", export(DEMO, os.path.join(work, "demo.fp32.bin"), "fp32"), tight_ids, hf["tight"],
           config["num_hidden_layers"], head_dim_of(config), context=ctx)
@@ -465,7 +490,7 @@ def stops_not_finite(args):
     return last, r.returncode == 1 and errors == [last] and "not finite" in last
 
 
-def random_model(name, seed, ids, prompt, text_path):
+def random_model(name, seed, ids, prompt, text_path, tok):
     path = os.path.join(work, name)
     model = build(name, seed, path)
     ref = hf_logits(model, ids)
@@ -500,6 +525,9 @@ def random_model(name, seed, ids, prompt, text_path):
         add_row(name, f"{wdtype} w, {kv} KV, {'fused' if fused else 'unfused'}",
                 f"{rel.max():.2e} / {np.median(rel):.1e} (HF 16-bit {yardstick(hf16, wdtype, kv):.1e})",
                 f"{agree.mean():.1%} ({agree[clear].mean():.0%} of {clear.sum()} clear)", f"{upto}/{N_GREEDY}", ok)
+    if name == "qwen3-0.6b":
+        lookahead(name, os.path.join(work, f"{name}.bf16.bin"), tok.decode(prompt), os.path.join(ROOT, "tokenizer.bin"),
+                  N_GREEDY, 1024)
     if name in TIGHT_MODELS:
         config = MODELS[name][1].to_dict()
         tight(name, export(path, os.path.join(work, f"{name}.fp32.bin"), "fp32"), ids, ref,
@@ -543,7 +571,7 @@ def main():
         text_path = os.path.join(work, "text.txt")  # for ppl mode: the text of ids and a little more
         open(text_path, "w", encoding="utf-8").write(text[:2000])
         for seed, name in enumerate(MODELS, start=10):
-            guarded(name, "all", lambda: random_model(name, seed, ids, prompt, text_path))
+            guarded(name, "all", lambda: random_model(name, seed, ids, prompt, text_path, tok))
     except KeyboardInterrupt:  # a time limit (gpu.sh under timeout -s INT): the table of what ran
         add_row("parity", "interrupted", "-", "-", "-", False)
     print_table()

@@ -1,0 +1,233 @@
+// attention.cuh: decode attention of one query token over the KV cache (flash-decoding), as device
+// functions shared by the chain of kernels (attention.cu) and the persistent decode kernel (decode.cu),
+// so that both paths compute the same function.
+//
+// Cache rows 0..pos are cut into n_chunks chunks of equal length (a multiple of ATT_ROW_GRANULE
+// rows). n_chunks depends on seq_len only, never on pos, which lives on the device (so a step can be
+// captured in a CUDA graph): the chunks that start past pos are idle. One work item = one chunk of
+// one KV head for the query heads of one subgroup of its group (up to G heads): it reads its rows
+// once for every served head (GQA), with an online softmax in fp32, and writes per query head the
+// partial (running max m, sum l, unnormalised output acc[hd]) to scratch. merge_head then rescales
+// a head's partials to their common max, sums and normalises them.
+#pragma once
+#include "common.cuh"
+
+constexpr int ATT_THREADS = 128;       // the block of every kernel that calls attend_chunk
+constexpr int ATT_WARPS = ATT_THREADS / 32;
+constexpr int ATT_MAX_GROUP = 8;       // query heads served per item: Qwen GQA ratios are 1..8; the
+                                       // code is instantiated for a cap G of 2, 4 or 8 heads, the
+                                       // smallest that holds the group, as the softmax state lives in registers
+constexpr int ATT_MAX_CHUNKS = 64;
+constexpr int ATT_ROW_GRANULE = 16;    // chunk lengths are multiples of this: short contexts still
+                                       // spread over many blocks (pos 128: 9 chunks of 16 rows per KV head)
+
+static __host__ __device__ __forceinline__ int attention_n_chunks(int seq_len) {
+    const int n = (seq_len + ATT_ROW_GRANULE - 1) / ATT_ROW_GRANULE;
+    return n < 1 ? 1 : n > ATT_MAX_CHUNKS ? ATT_MAX_CHUNKS : n;
+}
+// rows per chunk for len = pos + 1 attended rows
+static __device__ __forceinline__ int attention_chunk_rows(int len, int n_chunks) {
+    const int rows = (len + n_chunks - 1) / n_chunks;
+    return (rows + ATT_ROW_GRANULE - 1) / ATT_ROW_GRANULE * ATT_ROW_GRANULE;
+}
+
+template <int HD, int G> struct AttendShared {
+    float q[G][HD];               // the served queries, pre-multiplied by scale
+    float acc[ATT_WARPS][G][HD];  // per-warp softmax states, merged at the end
+    float m[ATT_WARPS][G], l[ATT_WARPS][G];
+};
+
+// The query heads an item serves: count (<= G) heads from h0, subgroup `subgroup` of KV head kv_head's group.
+struct ServedHeads { int h0, count; };
+template <int G>
+__device__ __forceinline__ ServedHeads served_heads(int kv_head, int subgroup, int n_heads, int n_kv_heads) {
+    const int group_size = n_heads / n_kv_heads;
+    return {kv_head * group_size + subgroup * G, min(G, group_size - subgroup * G)};
+}
+
+__device__ __forceinline__ float rescale_factor(float m, float m_new) {  // exp(m - m_new), 0 for no rows
+    return m == -INFINITY ? 0.f : expf(m - m_new);
+}
+
+// One block: the chunk `chunk` of KV head kv_head for the served heads (sh.q holds their queries, times
+// scale); caches (seq_len, n_kv_heads, HD); len = rows attended (pos + 1); writes scratch partials
+// ((head * n_chunks + chunk) * (HD + 2)): m, l, acc[HD]. The caller skips chunks that start past len.
+// Lane layout: a cache row is read by LPR = HD/8 lanes, 16 bytes each, so a warp reads RPW = 32/LPR
+// rows per load; each lane keeps the softmax state of its 8 dims for every served head.
+// The cache is read through L2 (common.cuh, VIA_L2): in the persistent decode kernel, row len - 1 was
+// stored by this block a moment before, where the read-only path (__ldg) is undefined. The chain's
+// chunk kernel runs the same loads; a block reads each of its rows once, so skipping L1 costs nothing.
+template <typename KV, int HD, int G>
+__device__ void attend_chunk(AttendShared<HD, G>& sh, float* scratch, const KV* k_cache, const KV* v_cache,
+                             int kv_head, ServedHeads heads, int chunk, int len, int n_chunks, int n_kv_heads) {
+    // U: cache rows per lane group loaded before any is used; fewer when the state of 8 heads takes the registers
+    constexpr int LPR = HD / 8, RPW = 32 / LPR, U = G <= 2 ? 4 : 2;
+    const int rows = attention_chunk_rows(len, n_chunks), start = chunk * rows;
+    const int end = min(start + rows, len);
+    const int group = heads.count;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int seg = lane % LPR, row_in_load = lane / LPR;
+
+    float m[G], l[G], acc[G][8];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[g][j] = 0.f;
+    }
+    for (int base = start + warp * RPW * U; base < end; base += ATT_WARPS * RPW * U) {
+        Pack8<KV> kp[U], vp[U];
+        bool valid[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int r = base + u * RPW + row_in_load;
+            valid[u] = r < end;
+            const size_t off = ((size_t)r * n_kv_heads + kv_head) * HD + seg * 8;
+            kp[u] = valid[u] ? load_pack8<KV, VIA_L2>(k_cache + off) : zero_pack8<KV>();
+            vp[u] = valid[u] ? load_pack8<KV, VIA_L2>(v_cache + off) : zero_pack8<KV>();
+        }
+        // scores s[u][g] = q_g . k_row, summed over the row's LPR lanes
+        float s[U][G];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            float kf[8];
+            unpack8(kp[u], kf);
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                if (g >= group) break;
+                const float4 qa = *reinterpret_cast<const float4*>(&sh.q[g][seg * 8]);
+                const float4 qb = *reinterpret_cast<const float4*>(&sh.q[g][seg * 8 + 4]);
+                float d = qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] +
+                          qb.x * kf[4] + qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
+#pragma unroll
+                for (int o = LPR / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                s[u][g] = valid[u] ? d : -INFINITY;
+            }
+        }
+        // online softmax: s becomes the weights p, the state is rescaled to the new max
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            if (g >= group) break;
+            float m_new = m[g];
+#pragma unroll
+            for (int u = 0; u < U; u++) m_new = fmaxf(m_new, s[u][g]);
+            if (m_new == -INFINITY) {  // no valid row for this lane group yet
+#pragma unroll
+                for (int u = 0; u < U; u++) s[u][g] = 0.f;
+                continue;
+            }
+            const float corr = rescale_factor(m[g], m_new);
+            m[g] = m_new;
+            l[g] *= corr;
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[g][j] *= corr;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                s[u][g] = expf(s[u][g] - m_new);
+                l[g] += s[u][g];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            float vf[8];
+            unpack8(vp[u], vf);
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                if (g >= group) break;
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[g][j] = fmaf(s[u][g], vf[j], acc[g][j]);
+            }
+        }
+    }
+    // merge the warp's row groups (lanes with the same seg), then the warps through shared memory
+#pragma unroll
+    for (int o = LPR; o < 32; o <<= 1) {
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            if (g >= group) break;
+            const float m_other = __shfl_xor_sync(0xffffffffu, m[g], o);
+            const float l_other = __shfl_xor_sync(0xffffffffu, l[g], o);
+            const float m_new = fmaxf(m[g], m_other);
+            const float a = rescale_factor(m[g], m_new), b = rescale_factor(m_other, m_new);
+            l[g] = l[g] * a + l_other * b;
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                acc[g][j] = acc[g][j] * a + __shfl_xor_sync(0xffffffffu, acc[g][j], o) * b;
+            m[g] = m_new;
+        }
+    }
+    if (row_in_load == 0) {
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            if (g >= group) break;
+            if (seg == 0) { sh.m[warp][g] = m[g]; sh.l[warp][g] = l[g]; }
+#pragma unroll
+            for (int j = 0; j < 8; j++) sh.acc[warp][g][seg * 8 + j] = acc[g][j];
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+        const int g = i / HD, d = i % HD;
+        float m_all = -INFINITY;  // finite: warp 0 holds the chunk's first row
+        for (int w = 0; w < ATT_WARPS; w++) m_all = fmaxf(m_all, sh.m[w][g]);
+        float l_all = 0.f, a_all = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) {
+            const float f = rescale_factor(sh.m[w][g], m_all);
+            l_all += sh.l[w][g] * f;
+            a_all += sh.acc[w][g][d] * f;
+        }
+        float* part = scratch + ((size_t)(heads.h0 + g) * n_chunks + chunk) * (HD + 2);
+        if (d == 0) { part[0] = m_all; part[1] = l_all; }
+        part[2 + d] = a_all;
+    }
+    __syncthreads();  // sh is reused by the block's next work item
+}
+
+// One block: out (hd) of one query head from its chunk partials (n_chunks, hd + 2), of which the
+// first ceil(len / chunk_rows) were written (by other blocks: read through L2).
+__device__ __forceinline__ void merge_head(float* out, const float* partials, int len, int n_chunks, int hd) {
+    const int rows = attention_chunk_rows(len, n_chunks), n_active = (len + rows - 1) / rows;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float m_all = -INFINITY;
+        for (int c = 0; c < n_active; c++) m_all = fmaxf(m_all, __ldcg(partials + c * (hd + 2)));
+        float l_all = 0.f, a_all = 0.f;
+        for (int c = 0; c < n_active; c++) {
+            const float* p = partials + c * (hd + 2);
+            const float f = expf(__ldcg(p) - m_all);
+            l_all += __ldcg(p + 1) * f;
+            a_all += __ldcg(p + 2 + d) * f;
+        }
+        out[d] = a_all / l_all;
+    }
+}
+
+static void check_attention_shape(int kv_dtype, int n_heads, int n_kv_heads, int head_dim, const char* who) {
+    if (kv_dtype != DT_BF16 && kv_dtype != DT_F16) {
+        fprintf(stderr, "error: %s: KV cache dtype %d is not bf16 or fp16\n", who, kv_dtype);
+        exit(1);
+    }
+    if (head_dim != 8 && head_dim != 16 && head_dim != 32 && head_dim != 64 && head_dim != 128) {
+        fprintf(stderr, "error: %s: head_dim %d is not 8, 16, 32, 64 or 128\n", who, head_dim);
+        exit(1);
+    }
+    if (n_kv_heads < 1 || n_heads % n_kv_heads != 0) {
+        fprintf(stderr, "error: %s: n_heads %d is not a multiple of n_kv_heads %d\n", who, n_heads, n_kv_heads);
+        exit(1);
+    }
+}
+
+#define DISPATCH_HD(HD_VAR, BODY)                                 \
+    switch (HD_VAR) {                                             \
+        case 8: { constexpr int HD = 8; BODY; } break;            \
+        case 16: { constexpr int HD = 16; BODY; } break;          \
+        case 32: { constexpr int HD = 32; BODY; } break;          \
+        case 64: { constexpr int HD = 64; BODY; } break;          \
+        default: { constexpr int HD = 128; BODY; } break;         \
+    }
+
+// G: the group cap for n_heads / n_kv_heads query heads per KV head
+#define DISPATCH_GROUP(GROUP, BODY)                               \
+    if ((GROUP) <= 2) { constexpr int G = 2; BODY; }              \
+    else if ((GROUP) <= 4) { constexpr int G = 4; BODY; }         \
+    else { constexpr int G = ATT_MAX_GROUP; BODY; }

@@ -1,0 +1,517 @@
+// decode.cu: one decode step (a token through every layer, then the LM head and its argmax) as a
+// single persistent kernel: the fast path (run.c -a 1, the default). The chain of one kernel per
+// operation (-a 0) computes the same function and is the reference it is tested against.
+//
+// Decoding one token reads every weight once, so a step is bound by memory: the floor is the
+// weight bytes over the bandwidth. A chain of ~250 small kernels leaves the memory idle at every
+// kernel boundary (launch, ramp-up, drain). Here one block per SM runs the whole step:
+//
+// Weights: each block owns a fixed share of the rows of every matrix (block_span), and streams its
+//   shares, in the order the step uses them (per layer wqkv, wo, w_gate_up, w_down; then the LM
+//   head), through a ring of shared-memory stages: thread 0 issues a bulk copy (cp.async.bulk,
+//   completing on the stage's mbarrier) for the next share as soon as the block is done with a
+//   stage. Weights do not depend on the activations, so the copies run ahead of the math across
+//   the phase boundaries, while the block waits for the others: the memory does not idle.
+// Activations: a phase that needs a whole vector (x, att or h) waits until every block has
+//   published its part of it: a counter per layer and phase, one increment per block, polled by
+//   one thread (a split barrier: a block that is done moves on to wait, its weights streaming in).
+//   Data written by one block and read by another goes through L2 (VIA_L2, common.cuh).
+//
+// The phases, one comment each in decode_step_kernel:
+//   0. x = embedding[token]
+//   per layer:
+//   1. qkv = wqkv . rmsnorm(x) + bqkv          every block its rows; each block computes rms(x) itself
+//   2. attention                               (chunk, KV head) items over the blocks (attention.cuh); an
+//                                              item normalises and rotates its queries itself, the item
+//                                              holding row pos stores K and V there, and the last item of
+//                                              a KV head to finish merges its heads into att
+//   3. x += wo . att
+//   4. h = silu(gate . rmsnorm(x)) * (up . rmsnorm(x))
+//   5. x += w_down . h
+//   6. logits = lm_head . rmsnorm(x) and their argmax; the last block to finish reduces the blocks'
+//      maxima, leaves (argmax, pos + 1) as the next step's input and zeroes the counters.
+#include <limits.h>
+#include <algorithm>
+#include "attention.cuh"
+
+constexpr int DECODE_THREADS = ATT_THREADS;  // 4 warps, the block attend_chunk is written for
+constexpr int DECODE_WARPS = DECODE_THREADS / 32;
+constexpr int ROWS_PER_WARP = 4;             // rows whose dot products a warp computes at once (x read once)
+constexpr int MAX_STAGES = 16;
+constexpr int MIN_STAGE_BYTES = 32 << 10;    // 16 rows of 1024 bf16 weights
+constexpr int MAX_DECODE_BLOCKS = 1024;
+
+// the blocks' maxima of the logits, for the last block's argmax (module state: one stream at a time)
+__device__ float decode_block_max[MAX_DECODE_BLOCKS];
+__device__ int decode_block_argmax[MAX_DECODE_BLOCKS];
+__device__ bool decode_block_nonfinite[MAX_DECODE_BLOCKS];
+
+// ---- synchronisation between blocks -------------------------------------------------------------
+
+// DecodeStep.sync: per layer one counter per phase, then per layer one counter per KV head (its
+// attention items), then one for the LM head. All zero when a step starts.
+enum { SYNC_QKV, SYNC_ATT, SYNC_O, SYNC_GATE_UP, SYNC_DOWN, SYNC_PER_LAYER };
+
+static __host__ __device__ size_t sync_words(int n_layers, int n_kv_heads) {
+    return (size_t)n_layers * (SYNC_PER_LAYER + n_kv_heads) + 1;
+}
+extern "C" size_t decode_sync_words(int n_layers, int n_kv_heads) { return sync_words(n_layers, n_kv_heads); }
+
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// The block's writes of a phase are done: one arrival, after a fence, so whoever sees the count sees them.
+__device__ __forceinline__ void publish(unsigned* counter) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(counter, 1u);
+    }
+}
+
+// Until `count` arrivals: thread 0 polls, the block waits for it.
+__device__ __forceinline__ void wait_for(const unsigned* counter, unsigned count) {
+    if (threadIdx.x == 0) {
+        while (load_acquire(counter) < count) {}
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// One arrival of `total`; true, in every thread of the block, for the block that arrived last (it
+// then sees everything published before the other arrivals).
+__device__ __forceinline__ bool arrive_last(unsigned* counter, unsigned total) {
+    __shared__ bool last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(counter, 1u) == total - 1;
+        __threadfence();
+    }
+    __syncthreads();
+    return last;
+}
+
+// ---- the weight stream --------------------------------------------------------------------------
+
+// The matrices in the order a step reads them: MATS_PER_LAYER per layer, then the LM head.
+enum { MAT_QKV, MAT_O, MAT_GATE_UP, MAT_DOWN, MATS_PER_LAYER };
+
+// A matrix as units of work: unit i is row i (`cols` weights), or for w_gate_up the pair (gate row i,
+// up row i), whose dot products silu(gate) * up combines.
+template <typename W> struct Units {
+    const W* rows;     // unit i's row: rows + i * cols
+    const W* up_rows;  // w_gate_up: unit i's up row, up_rows + i * cols; else NULL
+    int count, cols;
+};
+
+template <typename W>
+__device__ __forceinline__ Units<W> matrix_units(const DecodeStep& p, int matrix) {
+    const size_t D = p.dim, H = p.hidden_dim, Q = (size_t)p.n_heads * p.head_dim;
+    const size_t QKV = Q + 2 * (size_t)p.n_kv_heads * p.head_dim;
+    const size_t l = matrix / MATS_PER_LAYER;
+    if ((int)l == p.n_layers) return {(const W*)p.lm_head, nullptr, p.vocab_size, p.dim};
+    switch (matrix % MATS_PER_LAYER) {
+        case MAT_QKV: return {(const W*)p.wqkv + l * QKV * D, nullptr, (int)QKV, p.dim};
+        case MAT_O: return {(const W*)p.wo + l * D * Q, nullptr, p.dim, (int)Q};
+        case MAT_GATE_UP: {
+            const W* gate = (const W*)p.w_gate_up + l * 2 * H * D;
+            return {gate, gate + H * D, p.hidden_dim, p.dim};
+        }
+        default: return {(const W*)p.w_down + l * D * H, nullptr, p.dim, p.hidden_dim};
+    }
+}
+
+template <typename W>
+__host__ __device__ __forceinline__ int unit_bytes(int cols, bool paired) { return cols * (int)sizeof(W) * (paired ? 2 : 1); }
+
+// This block's units of a matrix of `count`: an even share, contiguous (one run of memory). wo and
+// w_down both have dim rows, so a block updates the same rows of x in both, and owns them.
+struct Span { int begin, end; };
+__device__ __forceinline__ Span block_span(int count) {
+    return {(int)((long long)count * blockIdx.x / gridDim.x), (int)((long long)count * (blockIdx.x + 1) / gridDim.x)};
+}
+
+struct Ring {
+    char* stages;       // n_stages x stage_bytes of shared memory
+    uint64_t* full;     // (n_stages) mbarriers: the stage's bytes have landed
+    int n_stages, stage_bytes;
+    int consumed;       // stages the block is done with (every thread counts them)
+    int issued, matrix, unit;  // thread 0, the producer: stages issued; where the next one starts
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// Thread 0: issues copies of the block's next shares of weights while a stage is free. Stage k of the
+// block's stream goes to slot k % n_stages, whose mbarrier completes a phase when its bytes land.
+// The weights are read once per step: evict_first keeps them from pushing the KV cache out of L2.
+template <typename W>
+__device__ void refill(const DecodeStep& p, Ring& r, uint64_t policy) {
+    const int lm_head = p.n_layers * MATS_PER_LAYER;
+    while (r.issued < r.consumed + r.n_stages && r.matrix <= lm_head) {
+        const Units<W> u = matrix_units<W>(p, r.matrix);
+        const Span span = block_span(u.count);
+        r.unit = max(r.unit, span.begin);
+        if (r.unit >= span.end) {  // this matrix is done (or the block has no share of it)
+            r.matrix++;
+            r.unit = 0;
+            continue;
+        }
+        const int per_stage = max(1, r.stage_bytes / unit_bytes<W>(u.cols, u.up_rows));
+        const int n = min(per_stage, span.end - r.unit);
+        const int slot = r.issued % r.n_stages;
+        const uint32_t bytes = n * unit_bytes<W>(u.cols, false), bar = smem_addr(&r.full[slot]);
+        char* dst = r.stages + (size_t)slot * r.stage_bytes;
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                     :: "r"(bar), "r"(u.up_rows ? 2 * bytes : bytes) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+                     " [%0], [%1], %2, [%3], %4;"
+                     :: "r"(smem_addr(dst)), "l"(u.rows + (size_t)r.unit * u.cols), "r"(bytes), "r"(bar),
+                        "l"(policy) : "memory");
+        if (u.up_rows)  // the up rows after the gate rows
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+                         " [%0], [%1], %2, [%3], %4;"
+                         :: "r"(smem_addr(dst + bytes)), "l"(u.up_rows + (size_t)r.unit * u.cols), "r"(bytes),
+                            "r"(bar), "l"(policy) : "memory");
+        r.unit += n;
+        r.issued++;
+    }
+}
+
+__device__ __forceinline__ void wait_stage(uint64_t* full, int parity) {
+    uint32_t done;
+    do {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                     : "=r"(done) : "r"(smem_addr(full)), "r"(parity) : "memory");
+    } while (!done);
+}
+
+// The dot products of a stage's n units with v (cols, shared memory): warp w takes units w, w + 4,
+// ..., ROWS_PER_WARP rows at a time (paired: the stage holds the n gate rows, then the n up rows, and
+// a unit is 2 rows); lane 0 runs epilogue(unit, dot, up_dot) (up_dot: the up row's, paired only).
+template <typename W, bool PAIRED, typename Epilogue>
+__device__ __forceinline__ void stage_dots(const W* stage, int n, int cols, const float* v, Epilogue epilogue) {
+    constexpr int ROWS = PAIRED ? 2 : 1, UNITS = ROWS_PER_WARP / ROWS;
+    const int warp = threadIdx.x / 32;
+    for (int base = warp; base < n; base += DECODE_WARPS * UNITS) {
+        const W* rows[ROWS_PER_WARP];
+        int active = 0;
+#pragma unroll
+        for (int j = 0; j < UNITS; j++) {
+            const int unit = base + j * DECODE_WARPS;
+            rows[ROWS * j] = stage + (size_t)min(unit, n - 1) * cols;
+            if (PAIRED) rows[ROWS * j + 1] = stage + (size_t)(n + min(unit, n - 1)) * cols;
+            if (unit < n) active += ROWS;
+        }
+        float sums[ROWS_PER_WARP];
+        warp_dot_rows<W, ROWS_PER_WARP, VIA_PLAIN>(sums, rows, v, cols, true, active);
+        if (threadIdx.x % 32 == 0)
+#pragma unroll
+            for (int j = 0; j < UNITS; j++)
+                if (ROWS * j < active) epilogue(base + j * DECODE_WARPS, sums[ROWS * j], sums[ROWS * j + ROWS - 1]);
+    }
+}
+
+// The block's share of matrix `matrix`, stage by stage, in the order refill() issued them:
+// epilogue(unit, dot, up_dot) for each unit (lane 0 of a warp). Each stage is handed back at once.
+template <typename W, bool PAIRED, typename Epilogue>
+__device__ void stream_matrix(const DecodeStep& p, Ring& r, int matrix, const float* v, uint64_t policy,
+                              Epilogue epilogue) {
+    const Units<W> u = matrix_units<W>(p, matrix);
+    const Span span = block_span(u.count);
+    const int per_stage = max(1, r.stage_bytes / unit_bytes<W>(u.cols, PAIRED));
+    for (int first = span.begin; first < span.end; first += per_stage) {
+        const int n = min(per_stage, span.end - first), slot = r.consumed % r.n_stages;
+        wait_stage(&r.full[slot], (r.consumed / r.n_stages) & 1);
+        stage_dots<W, PAIRED>((const W*)(r.stages + (size_t)slot * r.stage_bytes), n, u.cols, v,
+                              [&](int i, float dot, float up_dot) { epilogue(first + i, dot, up_dot); });
+        __syncthreads();  // every warp is done with the stage
+        r.consumed++;
+        if (threadIdx.x == 0) refill<W>(p, r, policy);
+    }
+}
+
+// ---- vectors in shared memory -------------------------------------------------------------------
+
+// v (n) = src (n) written by other blocks (through L2); n % 4 == 0, src 16-byte aligned
+__device__ __forceinline__ void load_vector(float* v, const float* src, int n) {
+    for (int i = threadIdx.x * 4; i < n; i += blockDim.x * 4)
+        *reinterpret_cast<float4*>(v + i) = __ldcg(reinterpret_cast<const float4*>(src + i));
+    __syncthreads();
+}
+
+// v = v * rsqrt(mean(v^2) + eps) * weight, as rmsnorm.cu
+__device__ __forceinline__ void rmsnorm_in_place(float* v, const float* weight, int n, float eps) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss = fmaf(v[i], v[i], ss);
+    const float inv_rms = rsqrtf(block_sum(ss) / n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) v[i] = v[i] * inv_rms * weight[i];
+    __syncthreads();
+}
+
+// ---- attention ----------------------------------------------------------------------------------
+
+template <int HD, int G> struct AttentionShared {
+    AttendShared<HD, G> attend;
+    float k_row[HD];  // the new key, normalised and rotated
+};
+
+// Phase 2 of layer l: the (chunk, KV head, subgroup) items of the active chunks, chunk-major (so at a
+// short context the items spread over all blocks), as the chain's attention_chunk_kernel and
+// qk_norm_rope_kernel compute them; then, by the last item of each KV head, attention_merge_kernel's
+// merge of its query heads into att, and one arrival on SYNC_ATT.
+template <typename KV, int HD, int G>
+__device__ void attention_phase(const DecodeStep& p, int l, int pos, AttentionShared<HD, G>& sh) {
+    const int n_chunks = attention_n_chunks(p.seq_len), len = pos + 1;
+    const int chunk_rows = attention_chunk_rows(len, n_chunks), n_active = (len + chunk_rows - 1) / chunk_rows;
+    const int group = p.n_heads / p.n_kv_heads, n_sub = (group + G - 1) / G, per_chunk = p.n_kv_heads * n_sub;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const size_t layer_rows = (size_t)l * p.seq_len * p.n_kv_heads * HD;
+    KV* k_cache = (KV*)p.k_cache + layer_rows;
+    KV* v_cache = (KV*)p.v_cache + layer_rows;
+    const float k_scale = p.k_scale ? p.k_scale[l] : 1.f, scale = k_scale / sqrtf((float)HD);
+    const float* q_norm = p.q_norm ? p.q_norm + (size_t)l * HD : nullptr;
+    const float* k_norm = p.k_norm ? p.k_norm + (size_t)l * HD : nullptr;
+    const float* q = p.qkv;
+    const float* k = q + (size_t)p.n_heads * HD;
+    const float* v = k + (size_t)p.n_kv_heads * HD;
+    unsigned* items_done = p.sync + (size_t)p.n_layers * SYNC_PER_LAYER + (size_t)l * p.n_kv_heads;
+    for (int item = blockIdx.x; item < n_active * per_chunk; item += gridDim.x) {
+        const int chunk = item / per_chunk, kv_head = item % per_chunk / n_sub;
+        const ServedHeads heads = served_heads<G>(kv_head, item % n_sub, p.n_heads, p.n_kv_heads);
+        // the served queries: q_norm, RoPE, times the softmax scale (a warp per head)
+        for (int g = warp; g < heads.count; g += DECODE_WARPS) {
+            float* qg = sh.attend.q[g];
+            for (int i = lane; i < HD; i += 32) qg[i] = __ldcg(q + (size_t)(heads.h0 + g) * HD + i);
+            __syncwarp();
+            norm_rope_head<KV>(qg, q_norm, HD, pos, p.theta, p.eps, nullptr, 1.f);
+            __syncwarp();
+            for (int i = lane; i < HD; i += 32) qg[i] *= scale;
+        }
+        // the chunk holding row pos: k_norm and RoPE of the new key; k / k_scale and v stored there
+        if (chunk == n_active - 1 && warp == DECODE_WARPS - 1) {
+            const size_t row = ((size_t)pos * p.n_kv_heads + kv_head) * HD;
+            for (int i = lane; i < HD; i += 32) {
+                sh.k_row[i] = __ldcg(k + (size_t)kv_head * HD + i);
+                v_cache[row + i] = from_float<KV>(__ldcg(v + (size_t)kv_head * HD + i));
+            }
+            __syncwarp();
+            norm_rope_head<KV>(sh.k_row, k_norm, HD, pos, p.theta, p.eps, k_cache + row, k_scale);
+        }
+        __syncthreads();  // the queries and the block's own cache row are written
+        attend_chunk<KV, HD, G>(sh.attend, p.scratch, k_cache, v_cache, kv_head, heads, chunk, len, n_chunks,
+                                p.n_kv_heads);
+        // the last item of the KV head to finish: its query heads' partials merged into att
+        if (arrive_last(&items_done[kv_head], n_active * n_sub)) {
+            for (int h = kv_head * group; h < (kv_head + 1) * group; h++)
+                merge_head(p.att + (size_t)h * HD, p.scratch + (size_t)h * n_chunks * (HD + 2), len, n_chunks, HD);
+            publish(p.sync + (size_t)l * SYNC_PER_LAYER + SYNC_ATT);
+        }
+    }
+}
+
+// ---- the step -----------------------------------------------------------------------------------
+
+// Dynamic shared memory: the ring's stages, then the work area: the input vector of a phase
+// (max(dim, q_dim, hidden_dim) floats) or, in phase 2, the attention state.
+template <typename W, typename KV, int HD, int G>
+__global__ void __launch_bounds__(DECODE_THREADS, 1)
+decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result, int n_stages, int stage_bytes) {
+    extern __shared__ __align__(128) char smem[];
+    __shared__ __align__(8) uint64_t full[MAX_STAGES];
+    const int D = p.dim, q_dim = p.n_heads * HD, L = p.n_layers;
+    // the token and its position: the host's, or the step before's argmax and position + 1 (greedy)
+    const int token = host_token >= 0 ? host_token : p.io[0], pos = host_token >= 0 ? host_pos : p.io[1];
+    if (token < 0 || token >= p.vocab_size || pos < 0 || pos >= p.seq_len) {  // the step before stopped on a NaN
+        if (blockIdx.x == 0 && threadIdx.x == 0) p.io[0] = p.io[2] = *result = -1;
+        return;
+    }
+    Ring r = {smem, full, n_stages, stage_bytes, 0, 0, 0, 0};
+    float* v = reinterpret_cast<float*>(smem + (size_t)n_stages * stage_bytes);
+    AttentionShared<HD, G>& att_sh = *reinterpret_cast<AttentionShared<HD, G>*>(v);
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < n_stages; s++)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&full[s])) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;\n\tfence.proxy.async.shared::cta;" ::: "memory");
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) refill<W>(p, r, policy);  // the first stages stream in from here on
+
+    // 0. x = embedding[token]: every block keeps it (layer 0's rmsnorm needs all of it) and stores the
+    //    rows of x it owns
+    const W* embedding_row = (const W*)p.embedding + (size_t)token * D;
+    const Span own = block_span(D);
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        v[i] = to_float(embedding_row[i]);
+        if (i >= own.begin && i < own.end) p.x[i] = v[i];
+    }
+    for (int l = 0; l < L; l++) {
+        unsigned* sync = p.sync + (size_t)l * SYNC_PER_LAYER;
+        // 1. qkv = wqkv . rmsnorm(x) + bqkv
+        if (l > 0) {
+            wait_for(sync - SYNC_PER_LAYER + SYNC_DOWN, gridDim.x);
+            load_vector(v, p.x, D);
+        }
+        rmsnorm_in_place(v, p.rms_att + (size_t)l * D, D, p.eps);
+        const float* bias = p.bqkv ? p.bqkv + (size_t)l * (q_dim + 2 * p.n_kv_heads * HD) : nullptr;
+        stream_matrix<W, false>(p, r, l * MATS_PER_LAYER + MAT_QKV, v, policy,
+                                [&](int row, float dot, float) { p.qkv[row] = dot + (bias ? bias[row] : 0.f); });
+        publish(sync + SYNC_QKV);
+        // 2. att = attention(rope(qk_norm(q)), K, V), with rope(k_norm(k)) / k_scale and v stored at row pos
+        wait_for(sync + SYNC_QKV, gridDim.x);
+        attention_phase<KV, HD, G>(p, l, pos, att_sh);
+        // 3. x += wo . att
+        wait_for(sync + SYNC_ATT, p.n_kv_heads);
+        load_vector(v, p.att, q_dim);
+        stream_matrix<W, false>(p, r, l * MATS_PER_LAYER + MAT_O, v, policy,
+                                [&](int row, float dot, float) { p.x[row] = __ldcg(p.x + row) + dot; });
+        publish(sync + SYNC_O);
+        // 4. h = silu(gate . rmsnorm(x)) * (up . rmsnorm(x))
+        wait_for(sync + SYNC_O, gridDim.x);
+        load_vector(v, p.x, D);
+        rmsnorm_in_place(v, p.rms_ffn + (size_t)l * D, D, p.eps);
+        stream_matrix<W, true>(p, r, l * MATS_PER_LAYER + MAT_GATE_UP, v, policy,
+                               [&](int i, float gate, float up) { p.h[i] = gate / (1.f + expf(-gate)) * up; });
+        publish(sync + SYNC_GATE_UP);
+        // 5. x += w_down . h
+        wait_for(sync + SYNC_GATE_UP, gridDim.x);
+        load_vector(v, p.h, p.hidden_dim);
+        stream_matrix<W, false>(p, r, l * MATS_PER_LAYER + MAT_DOWN, v, policy,
+                                [&](int row, float dot, float) { p.x[row] = __ldcg(p.x + row) + dot; });
+        publish(sync + SYNC_DOWN);
+    }
+    // 6. logits = lm_head . rmsnorm(x), and their argmax (-1 if any logit is NaN or inf, as argmax_gpu)
+    wait_for(p.sync + (size_t)(L - 1) * SYNC_PER_LAYER + SYNC_DOWN, gridDim.x);
+    load_vector(v, p.x, D);
+    rmsnorm_in_place(v, p.rms_final, D, p.eps);
+    float best = -INFINITY;
+    int best_index = INT_MAX;  // loses every tie with a real index
+    bool nonfinite = false;
+    stream_matrix<W, false>(p, r, L * MATS_PER_LAYER, v, policy, [&](int row, float dot, float) {
+        p.logits[row] = dot;
+        nonfinite |= !isfinite(dot);
+        if (argmax_better(dot, row, best, best_index)) { best = dot; best_index = row; }
+    });
+    nonfinite = __syncthreads_or(nonfinite);
+    block_argmax(best, best_index);
+    if (threadIdx.x == 0) {
+        decode_block_max[blockIdx.x] = best;
+        decode_block_argmax[blockIdx.x] = best_index;
+        decode_block_nonfinite[blockIdx.x] = nonfinite;
+    }
+    const size_t n_sync = sync_words(L, p.n_kv_heads);
+    if (arrive_last(p.sync + n_sync - 1, gridDim.x)) {  // the last block: every other one is done
+        best = -INFINITY;
+        best_index = INT_MAX;
+        nonfinite = false;
+        for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
+            const float value = __ldcg(&decode_block_max[b]);
+            const int index = __ldcg(&decode_block_argmax[b]);
+            nonfinite |= __ldcg((const unsigned char*)&decode_block_nonfinite[b]) != 0;
+            if (argmax_better(value, index, best, best_index)) { best = value; best_index = index; }
+        }
+        nonfinite = __syncthreads_or(nonfinite);
+        block_argmax(best, best_index);
+        for (size_t i = threadIdx.x; i < n_sync; i += blockDim.x) p.sync[i] = 0;  // for the next step
+        if (threadIdx.x == 0) {
+            const int next = nonfinite ? -1 : best_index;
+            p.io[0] = next;
+            p.io[1] = pos + 1;
+            p.io[2] = next;
+            *result = next;
+            __threadfence_system();
+        }
+    }
+}
+
+// ---- launcher -----------------------------------------------------------------------------------
+
+struct DecodeLaunch { int n_stages, stage_bytes, blocks; size_t smem; };
+
+// The ring for this shape: stages of at least MIN_STAGE_BYTES that hold the largest unit (a row, or a
+// gate/up pair), as many as the shared memory left beside the work area takes. n_stages < 2: the
+// shape does not fit (a stage could not stream in while the block computes on another).
+template <typename W, typename KV, int HD, int G>
+static DecodeLaunch decode_launch(const DecodeStep* p) {
+    auto kernel = decode_step_kernel<W, KV, HD, G>;
+    const int q_dim = p->n_heads * HD;
+    int device, optin, sms;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    cudaFuncAttributes attributes;
+    CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    const int largest_unit = std::max({unit_bytes<W>(p->dim, false), unit_bytes<W>(q_dim, false),
+                                       unit_bytes<W>(p->dim, true), unit_bytes<W>(p->hidden_dim, false)});
+    const size_t work = std::max((size_t)std::max({p->dim, q_dim, p->hidden_dim}) * sizeof(float),
+                                 sizeof(AttentionShared<HD, G>));
+    DecodeLaunch c;
+    c.stage_bytes = (std::max(MIN_STAGE_BYTES, largest_unit) + 127) / 128 * 128;
+    const long room = (long)optin - (long)attributes.sharedSizeBytes - (long)work;
+    c.n_stages = room > 0 ? (int)std::min<long>(MAX_STAGES, room / c.stage_bytes) : 0;
+    c.smem = (size_t)c.n_stages * c.stage_bytes + work;
+    c.blocks = std::min(sms, MAX_DECODE_BLOCKS);
+    return c;
+}
+
+template <typename W, typename KV, int HD, int G>
+static int launch_decode(const DecodeStep* p, bool launch, int token, int pos, int* result, cudaStream_t stream) {
+    static DecodeLaunch c;  // worked out once per instantiation: the shape is the model's
+    static bool configured = false;
+    auto kernel = decode_step_kernel<W, KV, HD, G>;
+    if (!configured) {
+        c = decode_launch<W, KV, HD, G>(p);
+        if (c.n_stages >= 2) {
+            CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)c.smem));
+            int per_sm = 0;
+            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, DECODE_THREADS, c.smem));
+            if (per_sm < 1) c.n_stages = 0;
+        }
+        configured = true;
+    }
+    if (!launch || c.n_stages < 2) return c.n_stages < 2 ? 0 : c.n_stages;
+    // cooperative: every block resident at once (they wait for each other), or the launch fails
+    cudaLaunchAttribute attribute;
+    attribute.id = cudaLaunchAttributeCooperative;
+    attribute.val.cooperative = 1;
+    cudaLaunchConfig_t config = {dim3(c.blocks), dim3(DECODE_THREADS), c.smem, stream, &attribute, 1};
+    CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, *p, token, pos, result, c.n_stages, c.stage_bytes));
+    return c.n_stages;
+}
+
+static int dispatch_decode(const DecodeStep* p, bool launch, int token, int pos, int* result, cudaStream_t stream) {
+    check_attention_shape(p->kv_dtype, p->n_heads, p->n_kv_heads, p->head_dim, "decode_step_gpu");
+    if (p->wdtype != DT_F32 && p->wdtype != DT_BF16 && p->wdtype != DT_F16) {
+        fprintf(stderr, "error: decode_step_gpu: unknown weight dtype %d\n", p->wdtype);
+        exit(1);
+    }
+    int stages = 0;
+#define DECODE_FOR(W, KV) \
+    DISPATCH_GROUP(p->n_heads / p->n_kv_heads, DISPATCH_HD(p->head_dim, \
+        (stages = launch_decode<W, KV, HD, G>(p, launch, token, pos, result, stream))))
+#define DECODE_FOR_W(W) \
+    if (p->kv_dtype == DT_BF16) { DECODE_FOR(W, __nv_bfloat16) } else { DECODE_FOR(W, __half) }
+    if (p->wdtype == DT_F32) { DECODE_FOR_W(float) }
+    else if (p->wdtype == DT_BF16) { DECODE_FOR_W(__nv_bfloat16) }
+    else { DECODE_FOR_W(__half) }
+#undef DECODE_FOR_W
+#undef DECODE_FOR
+    return stages;
+}
+
+extern "C" int decode_step_stages(const DecodeStep* step) {
+    return dispatch_decode(step, false, 0, 0, nullptr, nullptr);
+}
+
+extern "C" void decode_step_gpu(const DecodeStep* step, int token, int pos, int* result, cudaStream_t stream) {
+    if (dispatch_decode(step, true, token, pos, result, stream) == 0) {
+        fprintf(stderr, "error: decode_step_gpu: this shape does not fit the persistent kernel (decode_step_stages)\n");
+        exit(1);
+    }
+    CUDA_CHECK(cudaGetLastError());
+}
