@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
 attention_chunk_kernel(float* scratch, const float* q, const KV* k_cache, const KV* v_cache,
                        const int* pos, int n_heads, int n_kv_heads, int n_chunks, float scale) {
     griddep_wait();
-    __shared__ AttendShared<HD, G> sh;
+    __shared__ AttendShared<HD, G, ATT_WARPS> sh;
     const int n_sub = (n_heads / n_kv_heads + G - 1) / G, kv_head = blockIdx.y / n_sub, chunk = blockIdx.x;
     const int len = *pos + 1;
     if (chunk * attention_chunk_rows(len, n_chunks) >= len) return;  // past the last row
@@ -31,7 +31,7 @@ attention_chunk_kernel(float* scratch, const float* q, const KV* k_cache, const 
     for (int i = threadIdx.x; i < heads.count * HD; i += blockDim.x)
         sh.q[i / HD][i % HD] = q[(size_t)heads.h0 * HD + i] * scale;
     __syncthreads();
-    attend_chunk<KV, HD, G>(sh, scratch, k_cache, v_cache, kv_head, heads, chunk, len, n_chunks, n_kv_heads);
+    attend_chunk<KV, HD, G, ATT_WARPS>(sh, scratch, k_cache, v_cache, kv_head, heads, chunk, len, n_chunks, n_kv_heads);
 }
 
 // out (n_heads, hd); one block per head

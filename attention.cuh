@@ -12,7 +12,7 @@
 #pragma once
 #include "common.cuh"
 
-constexpr int ATT_THREADS = 128;       // the block of every kernel that calls attend_chunk
+constexpr int ATT_THREADS = 128;       // the chain's chunk kernel (the persistent kernel has more warps)
 constexpr int ATT_WARPS = ATT_THREADS / 32;
 constexpr int ATT_MAX_GROUP = 8;       // query heads served per item: Qwen GQA ratios are 1..8; the
                                        // code is instantiated for a cap G of 2, 4 or 8 heads, the
@@ -31,10 +31,10 @@ static __device__ __forceinline__ int attention_chunk_rows(int len, int n_chunks
     return (rows + ATT_ROW_GRANULE - 1) / ATT_ROW_GRANULE * ATT_ROW_GRANULE;
 }
 
-template <int HD, int G> struct AttendShared {
-    float q[G][HD];               // the served queries, pre-multiplied by scale
-    float acc[ATT_WARPS][G][HD];  // per-warp softmax states, merged at the end
-    float m[ATT_WARPS][G], l[ATT_WARPS][G];
+template <int HD, int G, int WARPS> struct AttendShared {
+    float q[G][HD];           // the served queries, pre-multiplied by scale
+    float acc[WARPS][G][HD];  // per-warp softmax states, merged at the end
+    float m[WARPS][G], l[WARPS][G];
 };
 
 // The query heads an item serves: count (<= G) heads from h0, subgroup `subgroup` of KV head kv_head's group.
@@ -49,7 +49,7 @@ __device__ __forceinline__ float rescale_factor(float m, float m_new) {  // exp(
     return m == -INFINITY ? 0.f : expf(m - m_new);
 }
 
-// One block: the chunk `chunk` of KV head kv_head for the served heads (sh.q holds their queries, times
+// One block of WARPS warps: the chunk `chunk` of KV head kv_head for the served heads (sh.q holds their queries, times
 // scale); caches (seq_len, n_kv_heads, HD); len = rows attended (pos + 1); writes scratch partials
 // ((head * n_chunks + chunk) * (HD + 2)): m, l, acc[HD]. The caller skips chunks that start past len.
 // Lane layout: a cache row is read by LPR = HD/8 lanes, 16 bytes each, so a warp reads RPW = 32/LPR
@@ -57,8 +57,8 @@ __device__ __forceinline__ float rescale_factor(float m, float m_new) {  // exp(
 // The cache is read through L2 (common.cuh, VIA_L2): in the persistent decode kernel, row len - 1 was
 // stored by this block a moment before, where the read-only path (__ldg) is undefined. The chain's
 // chunk kernel runs the same loads; a block reads each of its rows once, so skipping L1 costs nothing.
-template <typename KV, int HD, int G>
-__device__ void attend_chunk(AttendShared<HD, G>& sh, float* scratch, const KV* k_cache, const KV* v_cache,
+template <typename KV, int HD, int G, int WARPS>
+__device__ void attend_chunk(AttendShared<HD, G, WARPS>& sh, float* scratch, const KV* k_cache, const KV* v_cache,
                              int kv_head, ServedHeads heads, int chunk, int len, int n_chunks, int n_kv_heads) {
     // U: cache rows per lane group loaded before any is used; fewer when the state of 8 heads takes the registers
     constexpr int LPR = HD / 8, RPW = 32 / LPR, U = G <= 2 ? 4 : 2;
@@ -76,7 +76,7 @@ __device__ void attend_chunk(AttendShared<HD, G>& sh, float* scratch, const KV* 
 #pragma unroll
         for (int j = 0; j < 8; j++) acc[g][j] = 0.f;
     }
-    for (int base = start + warp * RPW * U; base < end; base += ATT_WARPS * RPW * U) {
+    for (int base = start + warp * RPW * U; base < end; base += WARPS * RPW * U) {
         Pack8<KV> kp[U], vp[U];
         bool valid[U];
 #pragma unroll
@@ -170,9 +170,9 @@ __device__ void attend_chunk(AttendShared<HD, G>& sh, float* scratch, const KV* 
     for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
         const int g = i / HD, d = i % HD;
         float m_all = -INFINITY;  // finite: warp 0 holds the chunk's first row
-        for (int w = 0; w < ATT_WARPS; w++) m_all = fmaxf(m_all, sh.m[w][g]);
+        for (int w = 0; w < WARPS; w++) m_all = fmaxf(m_all, sh.m[w][g]);
         float l_all = 0.f, a_all = 0.f;
-        for (int w = 0; w < ATT_WARPS; w++) {
+        for (int w = 0; w < WARPS; w++) {
             const float f = rescale_factor(sh.m[w][g], m_all);
             l_all += sh.l[w][g] * f;
             a_all += sh.acc[w][g][d] * f;

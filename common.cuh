@@ -150,29 +150,30 @@ __device__ __forceinline__ void block_argmax(float& v, int& idx) {
 // One warp computes dot(w[row_i], x) for the first `active` of NROWS rows at once (swiglu: gate and
 // up), all lanes get the sums (0 for the inactive rows). x (cols) may live in global or shared
 // memory; the rows are read VIA (global: VIA_NC; the persistent decode kernel's stages in shared
-// memory: VIA_PLAIN). Vector path (vec: cols % 8 == 0, w and x 16-byte aligned): lane l reads
-// elements [8l, 8l+8) of every 256-element stretch, so a warp reads 512 contiguous bytes of a bf16
-// row per load; UNROLL stretches are loaded before any is used to keep 64 bytes (bf16/fp16) per
-// lane and row in flight.
+// memory: VIA_PLAIN). Only the 256-column stretches first, first + step, ... are summed (the
+// persistent kernel splits long rows over several warps); all of them by default. Vector path
+// (vec: cols % 8 == 0, w and x 16-byte aligned): lane l reads elements [8l, 8l+8) of a stretch, so
+// a warp reads 512 contiguous bytes of a bf16 row per load; UNROLL stretches are loaded before any
+// is used to keep 64 bytes (bf16/fp16) per lane and row in flight.
 template <typename W, int NROWS, Via VIA = VIA_NC>
-__device__ __forceinline__ void warp_dot_rows(float sums[NROWS], const W* const rows[NROWS],
-                                              const float* x, int cols, bool vec, int active = NROWS) {
+__device__ __forceinline__ void warp_dot_rows(float sums[NROWS], const W* const rows[NROWS], const float* x,
+                                              int cols, bool vec, int active = NROWS, int first = 0, int step = 1) {
     constexpr int UNROLL = sizeof(W) == 4 ? 2 : 4;  // same bytes in flight for every dtype
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int r = 0; r < NROWS; r++) sums[r] = 0.f;
     if (vec) {
-        for (int c0 = lane * 8; c0 < cols; c0 += 256 * UNROLL) {
+        for (int c0 = first * 256 + lane * 8; c0 < cols; c0 += 256 * step * UNROLL) {
             Pack8<W> packs[UNROLL][NROWS];
 #pragma unroll
             for (int u = 0; u < UNROLL; u++)
 #pragma unroll
                 for (int r = 0; r < NROWS; r++)
-                    packs[u][r] = r < active && c0 + 256 * u < cols ? load_pack8<W, VIA>(rows[r] + c0 + 256 * u)
-                                                                    : zero_pack8<W>();
+                    packs[u][r] = r < active && c0 + 256 * step * u < cols
+                                      ? load_pack8<W, VIA>(rows[r] + c0 + 256 * step * u) : zero_pack8<W>();
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
-                const int c = c0 + 256 * u;
+                const int c = c0 + 256 * step * u;
                 if (c >= cols) break;
                 const float4 xa = *reinterpret_cast<const float4*>(x + c);
                 const float4 xb = *reinterpret_cast<const float4*>(x + c + 4);
@@ -187,12 +188,13 @@ __device__ __forceinline__ void warp_dot_rows(float sums[NROWS], const W* const 
             }
         }
     } else {
-        for (int c = lane; c < cols; c += 32) {
-            const float xc = x[c];
+        for (int s0 = first * 256; s0 < cols; s0 += 256 * step)
+            for (int c = s0 + lane; c < min(cols, s0 + 256); c += 32) {
+                const float xc = x[c];
 #pragma unroll
-            for (int r = 0; r < NROWS; r++)
-                if (r < active) sums[r] = fmaf(to_float(rows[r][c]), xc, sums[r]);
-        }
+                for (int r = 0; r < NROWS; r++)
+                    if (r < active) sums[r] = fmaf(to_float(rows[r][c]), xc, sums[r]);
+            }
     }
 #pragma unroll
     for (int r = 0; r < NROWS; r++) sums[r] = warp_sum(sums[r]);
@@ -202,13 +204,20 @@ __host__ __device__ inline bool aligned16(const void* p) { return (reinterpret_c
 
 // ---- per-head q_norm/k_norm + RoPE + cache store ------------------------------------------------
 
+// RoPE's inverse frequency of dimension pair i, as transformers computes it: 1 / theta^(float(2i)/hd)
+// in fp32; pow is evaluated in double and rounded once, i.e. a correctly rounded powf, which is what
+// the CPU float pow gives torch.
+__device__ __forceinline__ float rope_inv_freq(int i, int head_dim, float theta) {
+    return 1.f / (float)pow((double)theta, (double)((float)(2 * i) / (float)head_dim));
+}
+
 // One warp: x (head_dim) is RMS-normalised with `norm` (NULL: Qwen2, no norm), rotated by NeoX RoPE at
 // position pos, written back in place, and, when cache_row is not NULL, stored there as x / cache_scale.
-// inv_freq follows transformers: 1 / theta^(float(2i)/hd) in fp32; pow is evaluated in double and
-// rounded once, i.e. a correctly rounded powf, which is what the CPU float pow gives torch.
+// inv_freq: rope_inv_freq of each pair (head_dim / 2), or NULL to compute them here.
 template <typename KV>
 __device__ __forceinline__ void norm_rope_head(float* x, const float* norm, int head_dim, int pos,
-                                               float theta, float eps, KV* cache_row, float cache_scale) {
+                                               float theta, float eps, KV* cache_row, float cache_scale,
+                                               const float* inv_freq = nullptr) {
     const int lane = threadIdx.x % 32, half = head_dim / 2;
     float inv_rms = 1.f;
     if (norm) {
@@ -219,9 +228,8 @@ __device__ __forceinline__ void norm_rope_head(float* x, const float* norm, int 
     for (int i = lane; i < half; i += 32) {
         float a = x[i] * inv_rms, b = x[i + half] * inv_rms;
         if (norm) { a *= norm[i]; b *= norm[i + half]; }
-        const float inv_freq = 1.f / (float)pow((double)theta, (double)((float)(2 * i) / (float)head_dim));
         float s, c;
-        sincosf((float)pos * inv_freq, &s, &c);
+        sincosf((float)pos * (inv_freq ? inv_freq[i] : rope_inv_freq(i, head_dim, theta)), &s, &c);
         const float ra = a * c - b * s, rb = b * c + a * s;
         x[i] = ra;
         x[i + half] = rb;

@@ -34,8 +34,12 @@
 #include <algorithm>
 #include "attention.cuh"
 
-constexpr int DECODE_THREADS = ATT_THREADS;  // 4 warps, the block attend_chunk is written for
+constexpr int DECODE_THREADS = 256;
 constexpr int DECODE_WARPS = DECODE_THREADS / 32;
+// The thread that signals and polls the other blocks' counters. Not thread 0, the one that issues the
+// weight copies: a fence waits for the thread's memory operations in flight, and thread 0's are the
+// whole ring.
+constexpr int SIGNAL_THREAD = 32;
 constexpr int ROWS_PER_WARP = 4;             // rows whose dot products a warp computes at once (x read once)
 constexpr int MAX_STAGES = 16;
 constexpr int MIN_STAGE_BYTES = 32 << 10;    // 16 rows of 1024 bf16 weights
@@ -66,15 +70,15 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
 // The block's writes of a phase are done: one arrival, after a fence, so whoever sees the count sees them.
 __device__ __forceinline__ void publish(unsigned* counter) {
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == SIGNAL_THREAD) {
         __threadfence();
         atomicAdd(counter, 1u);
     }
 }
 
-// Until `count` arrivals: thread 0 polls, the block waits for it.
+// Until `count` arrivals: one thread polls, the block waits for it.
 __device__ __forceinline__ void wait_for(const unsigned* counter, unsigned count) {
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == SIGNAL_THREAD) {
         while (load_acquire(counter) < count) {}
         __threadfence();
     }
@@ -86,7 +90,7 @@ __device__ __forceinline__ void wait_for(const unsigned* counter, unsigned count
 __device__ __forceinline__ bool arrive_last(unsigned* counter, unsigned total) {
     __shared__ bool last;
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == SIGNAL_THREAD) {
         __threadfence();
         last = atomicAdd(counter, 1u) == total - 1;
         __threadfence();
@@ -189,29 +193,50 @@ __device__ __forceinline__ void wait_stage(uint64_t* full, int parity) {
     } while (!done);
 }
 
-// The dot products of a stage's n units with v (cols, shared memory): warp w takes units w, w + 4,
-// ..., ROWS_PER_WARP rows at a time (paired: the stage holds the n gate rows, then the n up rows, and
-// a unit is 2 rows); lane 0 runs epilogue(unit, dot, up_dot) (up_dot: the up row's, paired only).
+// The dot products of a stage's n units with v (cols, shared memory). Units go in groups of
+// ROWS_PER_WARP rows (4 rows, or 2 gate/up pairs: the stage holds the n gate rows, then the n up
+// rows); a team of warps sums a group, warp `part` of the team taking the 256-column stretches part,
+// part + team_size, ... Teams are single warps when the stage has a group for every warp, and grow
+// (to all the warps, for a stage of one long row: w_down of a 14B model) when it has fewer. Lane 0
+// of the team's first warp adds the team's partial sums in warp order and runs
+// epilogue(unit, dot, up_dot) (up_dot: the up row's, paired units only).
 template <typename W, bool PAIRED, typename Epilogue>
 __device__ __forceinline__ void stage_dots(const W* stage, int n, int cols, const float* v, Epilogue epilogue) {
     constexpr int ROWS = PAIRED ? 2 : 1, UNITS = ROWS_PER_WARP / ROWS;
-    const int warp = threadIdx.x / 32;
-    for (int base = warp; base < n; base += DECODE_WARPS * UNITS) {
+    __shared__ float partials[DECODE_WARPS][ROWS_PER_WARP];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int groups = (n + UNITS - 1) / UNITS, stretches = (cols + 255) / 256;
+    int team_size = 1;
+    while (2 * team_size * groups <= DECODE_WARPS && 2 * team_size <= stretches) team_size *= 2;
+    const int teams = DECODE_WARPS / team_size, team = warp / team_size, part = warp % team_size;
+    for (int group0 = 0; group0 < groups; group0 += teams) {  // the same trip count in every warp
+        const int first = (group0 + team) * UNITS;
         const W* rows[ROWS_PER_WARP];
         int active = 0;
 #pragma unroll
         for (int j = 0; j < UNITS; j++) {
-            const int unit = base + j * DECODE_WARPS;
-            rows[ROWS * j] = stage + (size_t)min(unit, n - 1) * cols;
-            if (PAIRED) rows[ROWS * j + 1] = stage + (size_t)(n + min(unit, n - 1)) * cols;
-            if (unit < n) active += ROWS;
+            const int unit = min(first + j, n - 1);
+            rows[ROWS * j] = stage + (size_t)unit * cols;
+            if (PAIRED) rows[ROWS * j + 1] = stage + (size_t)(n + unit) * cols;
+            if (first + j < n) active += ROWS;
         }
         float sums[ROWS_PER_WARP];
-        warp_dot_rows<W, ROWS_PER_WARP, VIA_PLAIN>(sums, rows, v, cols, true, active);
-        if (threadIdx.x % 32 == 0)
+        warp_dot_rows<W, ROWS_PER_WARP, VIA_PLAIN>(sums, rows, v, cols, true, active, part, team_size);
+        if (team_size > 1) {
+            if (lane == 0)
+#pragma unroll
+                for (int r = 0; r < ROWS_PER_WARP; r++) partials[warp][r] = sums[r];
+            __syncthreads();
+            if (part == 0 && lane == 0)
+#pragma unroll
+                for (int r = 0; r < ROWS_PER_WARP; r++)
+                    for (int t = 1; t < team_size; t++) sums[r] += partials[warp + t][r];
+        }
+        if (part == 0 && lane == 0)
 #pragma unroll
             for (int j = 0; j < UNITS; j++)
-                if (ROWS * j < active) epilogue(base + j * DECODE_WARPS, sums[ROWS * j], sums[ROWS * j + ROWS - 1]);
+                if (ROWS * j < active) epilogue(first + j, sums[ROWS * j], sums[ROWS * j + ROWS - 1]);
+        if (team_size > 1) __syncthreads();  // the next groups rewrite partials
     }
 }
 
@@ -255,7 +280,7 @@ __device__ __forceinline__ void rmsnorm_in_place(float* v, const float* weight, 
 // ---- attention ----------------------------------------------------------------------------------
 
 template <int HD, int G> struct AttentionShared {
-    AttendShared<HD, G> attend;
+    AttendShared<HD, G, DECODE_WARPS> attend;
     float k_row[HD];  // the new key, normalised and rotated
 };
 
@@ -264,7 +289,8 @@ template <int HD, int G> struct AttentionShared {
 // qk_norm_rope_kernel compute them; then, by the last item of each KV head, attention_merge_kernel's
 // merge of its query heads into att, and one arrival on SYNC_ATT.
 template <typename KV, int HD, int G>
-__device__ void attention_phase(const DecodeStep& p, int l, int pos, AttentionShared<HD, G>& sh) {
+__device__ void attention_phase(const DecodeStep& p, int l, int pos, AttentionShared<HD, G>& sh,
+                                const float* inv_freq) {
     const int n_chunks = attention_n_chunks(p.seq_len), len = pos + 1;
     const int chunk_rows = attention_chunk_rows(len, n_chunks), n_active = (len + chunk_rows - 1) / chunk_rows;
     const int group = p.n_heads / p.n_kv_heads, n_sub = (group + G - 1) / G, per_chunk = p.n_kv_heads * n_sub;
@@ -287,7 +313,7 @@ __device__ void attention_phase(const DecodeStep& p, int l, int pos, AttentionSh
             float* qg = sh.attend.q[g];
             for (int i = lane; i < HD; i += 32) qg[i] = __ldcg(q + (size_t)(heads.h0 + g) * HD + i);
             __syncwarp();
-            norm_rope_head<KV>(qg, q_norm, HD, pos, p.theta, p.eps, nullptr, 1.f);
+            norm_rope_head<KV>(qg, q_norm, HD, pos, p.theta, p.eps, nullptr, 1.f, inv_freq);
             __syncwarp();
             for (int i = lane; i < HD; i += 32) qg[i] *= scale;
         }
@@ -299,10 +325,10 @@ __device__ void attention_phase(const DecodeStep& p, int l, int pos, AttentionSh
                 v_cache[row + i] = from_float<KV>(__ldcg(v + (size_t)kv_head * HD + i));
             }
             __syncwarp();
-            norm_rope_head<KV>(sh.k_row, k_norm, HD, pos, p.theta, p.eps, k_cache + row, k_scale);
+            norm_rope_head<KV>(sh.k_row, k_norm, HD, pos, p.theta, p.eps, k_cache + row, k_scale, inv_freq);
         }
         __syncthreads();  // the queries and the block's own cache row are written
-        attend_chunk<KV, HD, G>(sh.attend, p.scratch, k_cache, v_cache, kv_head, heads, chunk, len, n_chunks,
+        attend_chunk<KV, HD, G, DECODE_WARPS>(sh.attend, p.scratch, k_cache, v_cache, kv_head, heads, chunk, len, n_chunks,
                                 p.n_kv_heads);
         // the last item of the KV head to finish: its query heads' partials merged into att
         if (arrive_last(&items_done[kv_head], n_active * n_sub)) {
@@ -322,6 +348,7 @@ __global__ void __launch_bounds__(DECODE_THREADS, 1)
 decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result, int n_stages, int stage_bytes) {
     extern __shared__ __align__(128) char smem[];
     __shared__ __align__(8) uint64_t full[MAX_STAGES];
+    __shared__ float inv_freq[HD / 2];  // RoPE's, once per step rather than once per attention item
     const int D = p.dim, q_dim = p.n_heads * HD, L = p.n_layers;
     // the token and its position: the host's, or the step before's argmax and position + 1 (greedy)
     const int token = host_token >= 0 ? host_token : p.io[0], pos = host_token >= 0 ? host_pos : p.io[1];
@@ -339,6 +366,7 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
             asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&full[s])) : "memory");
         asm volatile("fence.mbarrier_init.release.cluster;\n\tfence.proxy.async.shared::cta;" ::: "memory");
     }
+    for (int i = threadIdx.x; i < HD / 2; i += blockDim.x) inv_freq[i] = rope_inv_freq(i, HD, p.theta);
     __syncthreads();
     if (threadIdx.x == 0) refill<W>(p, r, policy);  // the first stages stream in from here on
 
@@ -364,7 +392,7 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
         publish(sync + SYNC_QKV);
         // 2. att = attention(rope(qk_norm(q)), K, V), with rope(k_norm(k)) / k_scale and v stored at row pos
         wait_for(sync + SYNC_QKV, gridDim.x);
-        attention_phase<KV, HD, G>(p, l, pos, att_sh);
+        attention_phase<KV, HD, G>(p, l, pos, att_sh, inv_freq);
         // 3. x += wo . att
         wait_for(sync + SYNC_ATT, p.n_kv_heads);
         load_vector(v, p.att, q_dim);
@@ -418,7 +446,7 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
         nonfinite = __syncthreads_or(nonfinite);
         block_argmax(best, best_index);
         for (size_t i = threadIdx.x; i < n_sync; i += blockDim.x) p.sync[i] = 0;  // for the next step
-        if (threadIdx.x == 0) {
+        if (threadIdx.x == 0) {  // block_argmax's result (no copies are in flight now: the fence is cheap)
             const int next = nonfinite ? -1 : best_index;
             p.io[0] = next;
             p.io[1] = pos + 1;
