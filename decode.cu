@@ -6,12 +6,13 @@
 // weight bytes over the bandwidth. A chain of ~250 small kernels leaves the memory idle at every
 // kernel boundary (launch, ramp-up, drain). Here one block per SM runs the whole step:
 //
-// Weights: each block owns a fixed share of the rows of every matrix (block_span), and streams its
-//   shares, in the order the step uses them (per layer wqkv, wo, w_gate_up, w_down; then the LM
-//   head), through a ring of shared-memory stages: thread 0 issues a bulk copy (cp.async.bulk,
-//   completing on the stage's mbarrier) for the next share as soon as the block is done with a
-//   stage. Weights do not depend on the activations, so the copies run ahead of the math across
-//   the phase boundaries, while the block waits for the others: the memory does not idle.
+// Weights: each block owns a fixed share of the rows of every matrix (block_span), split again over
+//   its warps (warp_span). Every warp streams its shares, in the order the step uses them (per layer
+//   wqkv, wo, w_gate_up, w_down; then the LM head), through its own few shared-memory stages: its
+//   lane 0 issues a bulk copy (cp.async.bulk, completing on the stage's mbarrier) for the next piece
+//   as soon as the warp is done with a stage. No warp waits for another to stream, and weights do not
+//   depend on the activations, so the copies run ahead of the math across the phase boundaries while
+//   the block waits for the others: the memory does not idle.
 // Activations: a phase that needs a whole vector (x, att or h) waits until every block has
 //   published its part of it: a counter per layer and phase, one increment per block, polled by
 //   one thread (a split barrier: a block that is done moves on to wait, its weights streaming in).
@@ -36,13 +37,11 @@
 
 constexpr int DECODE_THREADS = 256;
 constexpr int DECODE_WARPS = DECODE_THREADS / 32;
-// The thread that signals and polls the other blocks' counters. Not thread 0, the one that issues the
-// weight copies: a fence waits for the thread's memory operations in flight, and thread 0's are the
-// whole ring.
-constexpr int SIGNAL_THREAD = 32;
-constexpr int ROWS_PER_WARP = 4;             // rows whose dot products a warp computes at once (x read once)
-constexpr int MAX_STAGES = 16;
-constexpr int MIN_STAGE_BYTES = 32 << 10;    // 16 rows of 1024 bf16 weights
+// The thread that signals and polls the other blocks' counters: not a lane 0, which issue the weight
+// copies, as a fence may wait for the thread's memory operations in flight.
+constexpr int SIGNAL_THREAD = 1;
+constexpr int WARP_STAGES = 3;               // shared-memory stages of each warp's weight stream
+constexpr int GROUP_ROWS = 4;                // rows whose dot products a warp computes at once (x read once)
 constexpr int MAX_DECODE_BLOCKS = 1024;
 
 // the blocks' maxima of the logits, for the last block's argmax (module state: one stream at a time)
@@ -129,59 +128,99 @@ __device__ __forceinline__ Units<W> matrix_units(const DecodeStep& p, int matrix
     }
 }
 
-template <typename W>
-__host__ __device__ __forceinline__ int unit_bytes(int cols, bool paired) { return cols * (int)sizeof(W) * (paired ? 2 : 1); }
-
 // This block's units of a matrix of `count`: an even share, contiguous (one run of memory). wo and
-// w_down both have dim rows, so a block updates the same rows of x in both, and owns them.
+// w_down both have dim rows, so a block updates the same rows of x in both, and owns them. Within
+// the block, warp w streams an even share of the block's units on its own.
 struct Span { int begin, end; };
 __device__ __forceinline__ Span block_span(int count) {
-    return {(int)((long long)count * blockIdx.x / gridDim.x), (int)((long long)count * (blockIdx.x + 1) / gridDim.x)};
+    return {(int)((unsigned)count * blockIdx.x / gridDim.x), (int)((unsigned)count * (blockIdx.x + 1) / gridDim.x)};
+}
+__device__ __forceinline__ Span warp_span(int count) {
+    const Span b = block_span(count);
+    const unsigned n = b.end - b.begin, w = threadIdx.x / 32;
+    return {b.begin + (int)(n * w / DECODE_WARPS), b.begin + (int)(n * (w + 1) / DECODE_WARPS)};
 }
 
-struct Ring {
-    char* stages;       // n_stages x stage_bytes of shared memory
-    uint64_t* full;     // (n_stages) mbarriers: the stage's bytes have landed
-    int n_stages, stage_bytes;
-    int consumed;       // stages the block is done with (every thread counts them)
-    int issued, matrix, unit;  // thread 0, the producer: stages issued; where the next one starts
-};
+// A piece of a warp's weight stream, one stage: `n` units from `unit` (GROUP_ROWS rows at most: 4
+// rows, or 2 gate/up pairs) x the columns [col, col + len). The stage holds the n (gate) row
+// segments, then the n up row segments, each len weights. A row that does not fit a stage whole
+// comes in several pieces of 256-column multiples, one after the other, and the warp adds up their
+// dot products in order.
+struct Piece { int matrix, unit, n, col, len; };
+
+// Where a warp is in its stream (the same in every lane): the matrix, the next unit of the warp's
+// span of it and the span's end, and the next column of the current group of units.
+struct Cursor { int matrix, unit, end, col; };
+
+// The piece at the cursor, and the cursor moved past it; false at the end of the step's stream.
+template <typename W>
+__device__ __forceinline__ bool next_piece(const DecodeStep& p, Cursor& c, int stage_bytes, Piece& piece) {
+    while (c.unit >= c.end) {  // on to the next matrix with units for this warp
+        if (++c.matrix > p.n_layers * MATS_PER_LAYER) return false;
+        const Span span = warp_span(matrix_units<W>(p, c.matrix).count);
+        c = {c.matrix, span.begin, span.end, 0};
+    }
+    const Units<W> u = matrix_units<W>(p, c.matrix);
+    const int rows_per_unit = u.up_rows ? 2 : 1, n = min(GROUP_ROWS / rows_per_unit, c.end - c.unit);
+    const int fit = stage_bytes / (n * rows_per_unit * (int)sizeof(W)) / 256 * 256;  // columns a stage holds
+    piece = {c.matrix, c.unit, n, c.col, min(u.cols - c.col, fit)};
+    c.col += piece.len;
+    if (c.col == u.cols) {
+        c.col = 0;
+        c.unit += n;
+    }
+    return true;
+}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
-// Thread 0: issues copies of the block's next shares of weights while a stage is free. Stage k of the
-// block's stream goes to slot k % n_stages, whose mbarrier completes a phase when its bytes land.
-// The weights are read once per step: evict_first keeps them from pushing the KV cache out of L2.
+// Global -> shared memory by the copy engine, counted on the stage's mbarrier. The weights are read
+// once per step: evict_first keeps them from pushing the KV cache out of L2.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint32_t bar, uint64_t policy) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+                 " [%0], [%1], %2, [%3], %4;"
+                 :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(bar), "l"(policy) : "memory");
+}
+
+// A warp's weight stream: WARP_STAGES stages of shared memory, each with an mbarrier that completes
+// a phase when the stage's bytes land. Piece k goes to stage k % WARP_STAGES; lane 0 issues it as
+// soon as the warp is done with piece k - WARP_STAGES.
+struct WarpStream {
+    char* stages;     // WARP_STAGES x stage_bytes
+    uint64_t* full;   // (WARP_STAGES)
+    int stage_bytes;
+    Cursor issue_at;  // the next piece to issue...
+    int issued;
+    Cursor consume_at;  // ...and to consume: `next`, if `more`
+    Piece next;
+    bool more;
+    int consumed;
+    uint64_t policy;
+};
+
 template <typename W>
-__device__ void refill(const DecodeStep& p, Ring& r, uint64_t policy) {
-    const int lm_head = p.n_layers * MATS_PER_LAYER;
-    while (r.issued < r.consumed + r.n_stages && r.matrix <= lm_head) {
-        const Units<W> u = matrix_units<W>(p, r.matrix);
-        const Span span = block_span(u.count);
-        r.unit = max(r.unit, span.begin);
-        if (r.unit >= span.end) {  // this matrix is done (or the block has no share of it)
-            r.matrix++;
-            r.unit = 0;
-            continue;
+__device__ void issue_next(const DecodeStep& p, WarpStream& s) {
+    Piece piece;
+    if (!next_piece<W>(p, s.issue_at, s.stage_bytes, piece)) return;
+    const int slot = s.issued++ % WARP_STAGES;
+    if (threadIdx.x % 32 == 0) {
+        const Units<W> u = matrix_units<W>(p, piece.matrix);
+        const uint32_t bar = smem_addr(&s.full[slot]), row_bytes = piece.len * sizeof(W);
+        const uint32_t rows = piece.n * (u.up_rows ? 2 : 1);
+        char* dst = s.stages + (size_t)slot * s.stage_bytes;
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(rows * row_bytes) : "memory");
+        const W* src = u.rows + (size_t)piece.unit * u.cols + piece.col;
+        const W* up = u.up_rows ? u.up_rows + (size_t)piece.unit * u.cols + piece.col : nullptr;
+        if (piece.len == u.cols) {  // whole rows: one run of memory
+            bulk_copy(dst, src, piece.n * row_bytes, bar, s.policy);
+            if (u.up_rows) bulk_copy(dst + piece.n * row_bytes, up, piece.n * row_bytes, bar, s.policy);
+        } else {
+            for (int i = 0; i < piece.n; i++) {
+                bulk_copy(dst + i * row_bytes, src + (size_t)i * u.cols, row_bytes, bar, s.policy);
+                if (u.up_rows)
+                    bulk_copy(dst + (piece.n + i) * row_bytes, up + (size_t)i * u.cols, row_bytes, bar, s.policy);
+            }
         }
-        const int per_stage = max(1, r.stage_bytes / unit_bytes<W>(u.cols, u.up_rows));
-        const int n = min(per_stage, span.end - r.unit);
-        const int slot = r.issued % r.n_stages;
-        const uint32_t bytes = n * unit_bytes<W>(u.cols, false), bar = smem_addr(&r.full[slot]);
-        char* dst = r.stages + (size_t)slot * r.stage_bytes;
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                     :: "r"(bar), "r"(u.up_rows ? 2 * bytes : bytes) : "memory");
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-                     " [%0], [%1], %2, [%3], %4;"
-                     :: "r"(smem_addr(dst)), "l"(u.rows + (size_t)r.unit * u.cols), "r"(bytes), "r"(bar),
-                        "l"(policy) : "memory");
-        if (u.up_rows)  // the up rows after the gate rows
-            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-                         " [%0], [%1], %2, [%3], %4;"
-                         :: "r"(smem_addr(dst + bytes)), "l"(u.up_rows + (size_t)r.unit * u.cols), "r"(bytes),
-                            "r"(bar), "l"(policy) : "memory");
-        r.unit += n;
-        r.issued++;
     }
 }
 
@@ -193,69 +232,42 @@ __device__ __forceinline__ void wait_stage(uint64_t* full, int parity) {
     } while (!done);
 }
 
-// The dot products of a stage's n units with v (cols, shared memory). Units go in groups of
-// ROWS_PER_WARP rows (4 rows, or 2 gate/up pairs: the stage holds the n gate rows, then the n up
-// rows); a team of warps sums a group, warp `part` of the team taking the 256-column stretches part,
-// part + team_size, ... Teams are single warps when the stage has a group for every warp, and grow
-// (to all the warps, for a stage of one long row: w_down of a 14B model) when it has fewer. Lane 0
-// of the team's first warp adds the team's partial sums in warp order and runs
-// epilogue(unit, dot, up_dot) (up_dot: the up row's, paired units only).
+// The warp's pieces of matrix `matrix` (its share of the block's units), in the order issue_next()
+// issued them: the dot products of each group of units with v (the matrix's input vector, shared
+// memory), then epilogue(unit, dot, up_dot) on lane 0 for each unit (up_dot: the up row's, pairs
+// only). Each stage is refilled as soon as the warp is done with it. No other warp is waited for.
 template <typename W, bool PAIRED, typename Epilogue>
-__device__ __forceinline__ void stage_dots(const W* stage, int n, int cols, const float* v, Epilogue epilogue) {
-    constexpr int ROWS = PAIRED ? 2 : 1, UNITS = ROWS_PER_WARP / ROWS;
-    __shared__ float partials[DECODE_WARPS][ROWS_PER_WARP];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int groups = (n + UNITS - 1) / UNITS, stretches = (cols + 255) / 256;
-    int team_size = 1;
-    while (2 * team_size * groups <= DECODE_WARPS && 2 * team_size <= stretches) team_size *= 2;
-    const int teams = DECODE_WARPS / team_size, team = warp / team_size, part = warp % team_size;
-    for (int group0 = 0; group0 < groups; group0 += teams) {  // the same trip count in every warp
-        const int first = (group0 + team) * UNITS;
-        const W* rows[ROWS_PER_WARP];
-        int active = 0;
+__device__ void stream_matrix(const DecodeStep& p, WarpStream& s, int matrix, const float* v, Epilogue epilogue) {
+    constexpr int ROWS = PAIRED ? 2 : 1;
+    float acc[GROUP_ROWS] = {};
+    while (s.more && s.next.matrix == matrix) {
+        const Piece piece = s.next;
+        const int slot = s.consumed % WARP_STAGES;
+        wait_stage(&s.full[slot], (s.consumed / WARP_STAGES) & 1);
+        const W* stage = (const W*)(s.stages + (size_t)slot * s.stage_bytes);
+        const W* rows[GROUP_ROWS];
 #pragma unroll
-        for (int j = 0; j < UNITS; j++) {
-            const int unit = min(first + j, n - 1);
-            rows[ROWS * j] = stage + (size_t)unit * cols;
-            if (PAIRED) rows[ROWS * j + 1] = stage + (size_t)(n + unit) * cols;
-            if (first + j < n) active += ROWS;
+        for (int j = 0; j < GROUP_ROWS / ROWS; j++) {
+            const int unit = min(j, piece.n - 1);
+            rows[ROWS * j] = stage + (size_t)unit * piece.len;
+            if (PAIRED) rows[ROWS * j + 1] = stage + (size_t)(piece.n + unit) * piece.len;
         }
-        float sums[ROWS_PER_WARP];
-        warp_dot_rows<W, ROWS_PER_WARP, VIA_PLAIN>(sums, rows, v, cols, true, active, part, team_size);
-        if (team_size > 1) {
-            if (lane == 0)
+        float sums[GROUP_ROWS];
+        warp_dot_rows<W, GROUP_ROWS, VIA_PLAIN>(sums, rows, v + piece.col, piece.len, true, piece.n * ROWS);
 #pragma unroll
-                for (int r = 0; r < ROWS_PER_WARP; r++) partials[warp][r] = sums[r];
-            __syncthreads();
-            if (part == 0 && lane == 0)
+        for (int r = 0; r < GROUP_ROWS; r++) acc[r] += sums[r];
+        if (piece.col + piece.len == matrix_units<W>(p, matrix).cols) {  // the group's last columns
+            if (threadIdx.x % 32 == 0)
 #pragma unroll
-                for (int r = 0; r < ROWS_PER_WARP; r++)
-                    for (int t = 1; t < team_size; t++) sums[r] += partials[warp + t][r];
+                for (int j = 0; j < GROUP_ROWS / ROWS; j++)
+                    if (j < piece.n) epilogue(piece.unit + j, acc[ROWS * j], acc[ROWS * j + ROWS - 1]);
+#pragma unroll
+            for (int r = 0; r < GROUP_ROWS; r++) acc[r] = 0.f;
         }
-        if (part == 0 && lane == 0)
-#pragma unroll
-            for (int j = 0; j < UNITS; j++)
-                if (ROWS * j < active) epilogue(first + j, sums[ROWS * j], sums[ROWS * j + ROWS - 1]);
-        if (team_size > 1) __syncthreads();  // the next groups rewrite partials
-    }
-}
-
-// The block's share of matrix `matrix`, stage by stage, in the order refill() issued them:
-// epilogue(unit, dot, up_dot) for each unit (lane 0 of a warp). Each stage is handed back at once.
-template <typename W, bool PAIRED, typename Epilogue>
-__device__ void stream_matrix(const DecodeStep& p, Ring& r, int matrix, const float* v, uint64_t policy,
-                              Epilogue epilogue) {
-    const Units<W> u = matrix_units<W>(p, matrix);
-    const Span span = block_span(u.count);
-    const int per_stage = max(1, r.stage_bytes / unit_bytes<W>(u.cols, PAIRED));
-    for (int first = span.begin; first < span.end; first += per_stage) {
-        const int n = min(per_stage, span.end - first), slot = r.consumed % r.n_stages;
-        wait_stage(&r.full[slot], (r.consumed / r.n_stages) & 1);
-        stage_dots<W, PAIRED>((const W*)(r.stages + (size_t)slot * r.stage_bytes), n, u.cols, v,
-                              [&](int i, float dot, float up_dot) { epilogue(first + i, dot, up_dot); });
-        __syncthreads();  // every warp is done with the stage
-        r.consumed++;
-        if (threadIdx.x == 0) refill<W>(p, r, policy);
+        __syncwarp();  // every lane is done with the stage
+        s.consumed++;
+        s.more = next_piece<W>(p, s.consume_at, s.stage_bytes, s.next);
+        issue_next<W>(p, s);
     }
 }
 
@@ -341,34 +353,39 @@ __device__ void attention_phase(const DecodeStep& p, int l, int pos, AttentionSh
 
 // ---- the step -----------------------------------------------------------------------------------
 
-// Dynamic shared memory: the ring's stages, then the work area: the input vector of a phase
+// Dynamic shared memory: the warps' stages, then the work area: the input vector of a phase
 // (max(dim, q_dim, hidden_dim) floats) or, in phase 2, the attention state.
 template <typename W, typename KV, int HD, int G>
 __global__ void __launch_bounds__(DECODE_THREADS, 1)
-decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result, int n_stages, int stage_bytes) {
+decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result, int stage_bytes) {
     extern __shared__ __align__(128) char smem[];
-    __shared__ __align__(8) uint64_t full[MAX_STAGES];
+    __shared__ __align__(8) uint64_t full[DECODE_WARPS][WARP_STAGES];
     __shared__ float inv_freq[HD / 2];  // RoPE's, once per step rather than once per attention item
-    const int D = p.dim, q_dim = p.n_heads * HD, L = p.n_layers;
+    const int D = p.dim, q_dim = p.n_heads * HD, L = p.n_layers, warp = threadIdx.x / 32;
     // the token and its position: the host's, or the step before's argmax and position + 1 (greedy)
     const int token = host_token >= 0 ? host_token : p.io[0], pos = host_token >= 0 ? host_pos : p.io[1];
     if (token < 0 || token >= p.vocab_size || pos < 0 || pos >= p.seq_len) {  // the step before stopped on a NaN
         if (blockIdx.x == 0 && threadIdx.x == 0) p.io[0] = p.io[2] = *result = -1;
         return;
     }
-    Ring r = {smem, full, n_stages, stage_bytes, 0, 0, 0, 0};
-    float* v = reinterpret_cast<float*>(smem + (size_t)n_stages * stage_bytes);
+    WarpStream s;
+    s.stages = smem + (size_t)warp * WARP_STAGES * stage_bytes;
+    s.full = full[warp];
+    s.stage_bytes = stage_bytes;
+    s.issue_at = s.consume_at = {-1, 0, 0, 0};
+    s.issued = s.consumed = 0;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(s.policy));
+    float* v = reinterpret_cast<float*>(smem + (size_t)DECODE_WARPS * WARP_STAGES * stage_bytes);
     AttentionShared<HD, G>& att_sh = *reinterpret_cast<AttentionShared<HD, G>*>(v);
-    uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < n_stages; s++)
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&full[s])) : "memory");
+    if (threadIdx.x % 32 == 0) {
+        for (int i = 0; i < WARP_STAGES; i++)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&s.full[i])) : "memory");
         asm volatile("fence.mbarrier_init.release.cluster;\n\tfence.proxy.async.shared::cta;" ::: "memory");
     }
     for (int i = threadIdx.x; i < HD / 2; i += blockDim.x) inv_freq[i] = rope_inv_freq(i, HD, p.theta);
     __syncthreads();
-    if (threadIdx.x == 0) refill<W>(p, r, policy);  // the first stages stream in from here on
+    s.more = next_piece<W>(p, s.consume_at, stage_bytes, s.next);
+    for (int i = 0; i < WARP_STAGES; i++) issue_next<W>(p, s);  // the weights stream in from here on
 
     // 0. x = embedding[token]: every block keeps it (layer 0's rmsnorm needs all of it) and stores the
     //    rows of x it owns
@@ -387,7 +404,7 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
         }
         rmsnorm_in_place(v, p.rms_att + (size_t)l * D, D, p.eps);
         const float* bias = p.bqkv ? p.bqkv + (size_t)l * (q_dim + 2 * p.n_kv_heads * HD) : nullptr;
-        stream_matrix<W, false>(p, r, l * MATS_PER_LAYER + MAT_QKV, v, policy,
+        stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_QKV, v,
                                 [&](int row, float dot, float) { p.qkv[row] = dot + (bias ? bias[row] : 0.f); });
         publish(sync + SYNC_QKV);
         // 2. att = attention(rope(qk_norm(q)), K, V), with rope(k_norm(k)) / k_scale and v stored at row pos
@@ -396,20 +413,20 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
         // 3. x += wo . att
         wait_for(sync + SYNC_ATT, p.n_kv_heads);
         load_vector(v, p.att, q_dim);
-        stream_matrix<W, false>(p, r, l * MATS_PER_LAYER + MAT_O, v, policy,
+        stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_O, v,
                                 [&](int row, float dot, float) { p.x[row] = __ldcg(p.x + row) + dot; });
         publish(sync + SYNC_O);
         // 4. h = silu(gate . rmsnorm(x)) * (up . rmsnorm(x))
         wait_for(sync + SYNC_O, gridDim.x);
         load_vector(v, p.x, D);
         rmsnorm_in_place(v, p.rms_ffn + (size_t)l * D, D, p.eps);
-        stream_matrix<W, true>(p, r, l * MATS_PER_LAYER + MAT_GATE_UP, v, policy,
+        stream_matrix<W, true>(p, s, l * MATS_PER_LAYER + MAT_GATE_UP, v,
                                [&](int i, float gate, float up) { p.h[i] = gate / (1.f + expf(-gate)) * up; });
         publish(sync + SYNC_GATE_UP);
         // 5. x += w_down . h
         wait_for(sync + SYNC_GATE_UP, gridDim.x);
         load_vector(v, p.h, p.hidden_dim);
-        stream_matrix<W, false>(p, r, l * MATS_PER_LAYER + MAT_DOWN, v, policy,
+        stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_DOWN, v,
                                 [&](int row, float dot, float) { p.x[row] = __ldcg(p.x + row) + dot; });
         publish(sync + SYNC_DOWN);
     }
@@ -420,7 +437,7 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     float best = -INFINITY;
     int best_index = INT_MAX;  // loses every tie with a real index
     bool nonfinite = false;
-    stream_matrix<W, false>(p, r, L * MATS_PER_LAYER, v, policy, [&](int row, float dot, float) {
+    stream_matrix<W, false>(p, s, L * MATS_PER_LAYER, v, [&](int row, float dot, float) {
         p.logits[row] = dot;
         nonfinite |= !isfinite(dot);
         if (argmax_better(dot, row, best, best_index)) { best = dot; best_index = row; }
@@ -459,11 +476,11 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
 
 // ---- launcher -----------------------------------------------------------------------------------
 
-struct DecodeLaunch { int n_stages, stage_bytes, blocks; size_t smem; };
+struct DecodeLaunch { int stage_bytes, blocks; size_t smem; };
 
-// The ring for this shape: stages of at least MIN_STAGE_BYTES that hold the largest unit (a row, or a
-// gate/up pair), as many as the shared memory left beside the work area takes. n_stages < 2: the
-// shape does not fit (a stage could not stream in while the block computes on another).
+// The stages for this shape: the shared memory left beside the work area, split evenly over the
+// warps' stages. A stage must hold GROUP_ROWS rows of a 256-column stretch (else stage_bytes is 0:
+// the shape does not fit).
 template <typename W, typename KV, int HD, int G>
 static DecodeLaunch decode_launch(const DecodeStep* p) {
     auto kernel = decode_step_kernel<W, KV, HD, G>;
@@ -474,15 +491,13 @@ static DecodeLaunch decode_launch(const DecodeStep* p) {
     CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     cudaFuncAttributes attributes;
     CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-    const int largest_unit = std::max({unit_bytes<W>(p->dim, false), unit_bytes<W>(q_dim, false),
-                                       unit_bytes<W>(p->dim, true), unit_bytes<W>(p->hidden_dim, false)});
     const size_t work = std::max((size_t)std::max({p->dim, q_dim, p->hidden_dim}) * sizeof(float),
                                  sizeof(AttentionShared<HD, G>));
-    DecodeLaunch c;
-    c.stage_bytes = (std::max(MIN_STAGE_BYTES, largest_unit) + 127) / 128 * 128;
     const long room = (long)optin - (long)attributes.sharedSizeBytes - (long)work;
-    c.n_stages = room > 0 ? (int)std::min<long>(MAX_STAGES, room / c.stage_bytes) : 0;
-    c.smem = (size_t)c.n_stages * c.stage_bytes + work;
+    DecodeLaunch c;
+    c.stage_bytes = room > 0 ? (int)(room / (DECODE_WARPS * WARP_STAGES) / 128 * 128) : 0;
+    if (c.stage_bytes < GROUP_ROWS * 256 * (int)sizeof(W)) c.stage_bytes = 0;
+    c.smem = (size_t)DECODE_WARPS * WARP_STAGES * c.stage_bytes + work;
     c.blocks = std::min(sms, MAX_DECODE_BLOCKS);
     return c;
 }
@@ -494,22 +509,22 @@ static int launch_decode(const DecodeStep* p, bool launch, int token, int pos, i
     auto kernel = decode_step_kernel<W, KV, HD, G>;
     if (!configured) {
         c = decode_launch<W, KV, HD, G>(p);
-        if (c.n_stages >= 2) {
+        if (c.stage_bytes > 0) {
             CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)c.smem));
             int per_sm = 0;
             CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, DECODE_THREADS, c.smem));
-            if (per_sm < 1) c.n_stages = 0;
+            if (per_sm < 1) c.stage_bytes = 0;
         }
         configured = true;
     }
-    if (!launch || c.n_stages < 2) return c.n_stages < 2 ? 0 : c.n_stages;
+    if (!launch || c.stage_bytes == 0) return c.stage_bytes;
     // cooperative: every block resident at once (they wait for each other), or the launch fails
     cudaLaunchAttribute attribute;
     attribute.id = cudaLaunchAttributeCooperative;
     attribute.val.cooperative = 1;
     cudaLaunchConfig_t config = {dim3(c.blocks), dim3(DECODE_THREADS), c.smem, stream, &attribute, 1};
-    CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, *p, token, pos, result, c.n_stages, c.stage_bytes));
-    return c.n_stages;
+    CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, *p, token, pos, result, c.stage_bytes));
+    return c.stage_bytes;
 }
 
 static int dispatch_decode(const DecodeStep* p, bool launch, int token, int pos, int* result, cudaStream_t stream) {
@@ -532,13 +547,13 @@ static int dispatch_decode(const DecodeStep* p, bool launch, int token, int pos,
     return stages;
 }
 
-extern "C" int decode_step_stages(const DecodeStep* step) {
+extern "C" int decode_step_stage_bytes(const DecodeStep* step) {
     return dispatch_decode(step, false, 0, 0, nullptr, nullptr);
 }
 
 extern "C" void decode_step_gpu(const DecodeStep* step, int token, int pos, int* result, cudaStream_t stream) {
     if (dispatch_decode(step, true, token, pos, result, stream) == 0) {
-        fprintf(stderr, "error: decode_step_gpu: this shape does not fit the persistent kernel (decode_step_stages)\n");
+        fprintf(stderr, "error: decode_step_gpu: this shape does not fit the persistent kernel (decode_step_stage_bytes)\n");
         exit(1);
     }
     CUDA_CHECK(cudaGetLastError());

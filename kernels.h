@@ -85,8 +85,8 @@ typedef struct {
     float theta, eps;
 } DecodeStep;
 size_t decode_sync_words(int n_layers, int n_kv_heads);
-// The depth of the kernel's weight ring for this shape; 0 if the shape does not fit the kernel.
-int decode_step_stages(const DecodeStep* step);
+// The bytes of each of the kernel's weight stages for this shape; 0 if the shape does not fit the kernel.
+int decode_step_stage_bytes(const DecodeStep* step);
 // One step for `token` at `pos`, or with token < 0 for io's token and position (the step before's
 // argmax: greedy decoding enqueues the next step before the host has read this one's). The argmax
 // (-1 if a logit is NaN or inf) goes to *result (host-mapped memory, read after the step) and io.

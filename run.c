@@ -599,7 +599,7 @@ static void init_decode(Model* m) {
         on_gpu(m, o->lm_head), g->key_cache, g->value_cache, g->x, g->qkv, g->att, g->hb, g->logits, g->scratch,
         NULL, g->io, c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size,
         m->seq_len, c->wdtype, g->kv_dtype, c->rope_theta, c->eps};
-    if (decode_step_stages(&g->decode) == 0) {
+    if (decode_step_stage_bytes(&g->decode) == 0) {
         fprintf(stderr, "[decode: this shape's rows do not fit the persistent kernel's shared memory; "
                 "running the chain of kernels (-a 0)]\n");
         g->fused = 0;
