@@ -185,21 +185,35 @@ __device__ void attend_chunk(AttendShared<HD, G, WARPS>& sh, float* scratch, con
 }
 
 // One block: out (hd) of one query head from its chunk partials (n_chunks, hd + 2), of which the
-// first ceil(len / chunk_rows) were written (by other blocks: read through L2).
+// first ceil(len / chunk_rows) were written (by other blocks: read through L2). Every (m, l) is
+// loaded at once into shared memory, and each thread issues the loads of all chunks of its dims
+// before it adds them, so the merge costs a couple of L2 round trips, not one per chunk.
 __device__ __forceinline__ void merge_head(float* out, const float* partials, int len, int n_chunks, int hd) {
+    constexpr int BATCH = 16;
+    __shared__ float m_chunk[ATT_MAX_CHUNKS], l_chunk[ATT_MAX_CHUNKS];
     const int rows = attention_chunk_rows(len, n_chunks), n_active = (len + rows - 1) / rows;
+    for (int c = threadIdx.x; c < n_active; c += blockDim.x) {
+        m_chunk[c] = __ldcg(partials + c * (hd + 2));
+        l_chunk[c] = __ldcg(partials + c * (hd + 2) + 1);
+    }
+    __syncthreads();
+    float m_all = -INFINITY;
+    for (int c = 0; c < n_active; c++) m_all = fmaxf(m_all, m_chunk[c]);
+    float l_all = 0.f;
+    for (int c = 0; c < n_active; c++) l_all += l_chunk[c] * expf(m_chunk[c] - m_all);
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float m_all = -INFINITY;
-        for (int c = 0; c < n_active; c++) m_all = fmaxf(m_all, __ldcg(partials + c * (hd + 2)));
-        float l_all = 0.f, a_all = 0.f;
-        for (int c = 0; c < n_active; c++) {
-            const float* p = partials + c * (hd + 2);
-            const float f = expf(__ldcg(p) - m_all);
-            l_all += __ldcg(p + 1) * f;
-            a_all += __ldcg(p + 2 + d) * f;
+        float a_all = 0.f;
+        for (int c0 = 0; c0 < n_active; c0 += BATCH) {
+            float a[BATCH];
+#pragma unroll
+            for (int j = 0; j < BATCH; j++) a[j] = c0 + j < n_active ? __ldcg(partials + (c0 + j) * (hd + 2) + 2 + d) : 0.f;
+#pragma unroll
+            for (int j = 0; j < BATCH; j++)
+                if (c0 + j < n_active) a_all += a[j] * expf(m_chunk[c0 + j] - m_all);
         }
         out[d] = a_all / l_all;
     }
+    __syncthreads();  // m_chunk and l_chunk are rewritten by the next call
 }
 
 static void check_attention_shape(int kv_dtype, int n_heads, int n_kv_heads, int head_dim, const char* who) {

@@ -273,10 +273,22 @@ __device__ void stream_matrix(const DecodeStep& p, WarpStream& s, int matrix, co
 
 // ---- vectors in shared memory -------------------------------------------------------------------
 
+// The step's critical path waits on L2 (and on DRAM queues deepened by the weight streams), so the
+// loops below issue all of a thread's loads (BATCH of them) before the first use, paying the latency
+// once per batch instead of once per element.
+constexpr int BATCH = 8;
+
 // v (n) = src (n) written by other blocks (through L2); n % 4 == 0, src 16-byte aligned
 __device__ __forceinline__ void load_vector(float* v, const float* src, int n) {
-    for (int i = threadIdx.x * 4; i < n; i += blockDim.x * 4)
-        *reinterpret_cast<float4*>(v + i) = __ldcg(reinterpret_cast<const float4*>(src + i));
+    for (int i0 = threadIdx.x * 4; i0 < n; i0 += blockDim.x * 4 * BATCH) {
+        float4 x[BATCH];
+#pragma unroll
+        for (int j = 0; j < BATCH; j++)
+            if (i0 + j * blockDim.x * 4 < n) x[j] = __ldcg(reinterpret_cast<const float4*>(src + i0 + j * blockDim.x * 4));
+#pragma unroll
+        for (int j = 0; j < BATCH; j++)
+            if (i0 + j * blockDim.x * 4 < n) *reinterpret_cast<float4*>(v + i0 + j * blockDim.x * 4) = x[j];
+    }
     __syncthreads();
 }
 
@@ -285,7 +297,14 @@ __device__ __forceinline__ void rmsnorm_in_place(float* v, const float* weight, 
     float ss = 0.f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) ss = fmaf(v[i], v[i], ss);
     const float inv_rms = rsqrtf(block_sum(ss) / n + eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) v[i] = v[i] * inv_rms * weight[i];
+    for (int i0 = threadIdx.x; i0 < n; i0 += blockDim.x * BATCH) {
+        float w[BATCH];
+#pragma unroll
+        for (int j = 0; j < BATCH; j++) w[j] = i0 + j * blockDim.x < n ? __ldg(weight + i0 + j * blockDim.x) : 0.f;
+#pragma unroll
+        for (int j = 0; j < BATCH; j++)
+            if (i0 + j * blockDim.x < n) v[i0 + j * blockDim.x] = v[i0 + j * blockDim.x] * inv_rms * w[j];
+    }
     __syncthreads();
 }
 
@@ -321,9 +340,16 @@ __device__ void attention_phase(const DecodeStep& p, int l, int pos, AttentionSh
         const int chunk = item / per_chunk, kv_head = item % per_chunk / n_sub;
         const ServedHeads heads = served_heads<G>(kv_head, item % n_sub, p.n_heads, p.n_kv_heads);
         // the served queries: q_norm, RoPE, times the softmax scale (a warp per head)
+        constexpr int PER_LANE = (HD + 31) / 32;
         for (int g = warp; g < heads.count; g += DECODE_WARPS) {
             float* qg = sh.attend.q[g];
-            for (int i = lane; i < HD; i += 32) qg[i] = __ldcg(q + (size_t)(heads.h0 + g) * HD + i);
+            float t[PER_LANE];
+#pragma unroll
+            for (int j = 0; j < PER_LANE; j++)
+                if (lane + 32 * j < HD) t[j] = __ldcg(q + (size_t)(heads.h0 + g) * HD + lane + 32 * j);
+#pragma unroll
+            for (int j = 0; j < PER_LANE; j++)
+                if (lane + 32 * j < HD) qg[lane + 32 * j] = t[j];
             __syncwarp();
             norm_rope_head<KV>(qg, q_norm, HD, pos, p.theta, p.eps, nullptr, 1.f, inv_freq);
             __syncwarp();
@@ -332,10 +358,19 @@ __device__ void attention_phase(const DecodeStep& p, int l, int pos, AttentionSh
         // the chunk holding row pos: k_norm and RoPE of the new key; k / k_scale and v stored there
         if (chunk == n_active - 1 && warp == DECODE_WARPS - 1) {
             const size_t row = ((size_t)pos * p.n_kv_heads + kv_head) * HD;
-            for (int i = lane; i < HD; i += 32) {
-                sh.k_row[i] = __ldcg(k + (size_t)kv_head * HD + i);
-                v_cache[row + i] = from_float<KV>(__ldcg(v + (size_t)kv_head * HD + i));
-            }
+            float tk[PER_LANE], tv[PER_LANE];
+#pragma unroll
+            for (int j = 0; j < PER_LANE; j++)
+                if (lane + 32 * j < HD) {
+                    tk[j] = __ldcg(k + (size_t)kv_head * HD + lane + 32 * j);
+                    tv[j] = __ldcg(v + (size_t)kv_head * HD + lane + 32 * j);
+                }
+#pragma unroll
+            for (int j = 0; j < PER_LANE; j++)
+                if (lane + 32 * j < HD) {
+                    sh.k_row[lane + 32 * j] = tk[j];
+                    v_cache[row + lane + 32 * j] = from_float<KV>(tv[j]);
+                }
             __syncwarp();
             norm_rope_head<KV>(sh.k_row, k_norm, HD, pos, p.theta, p.eps, k_cache + row, k_scale, inv_freq);
         }
@@ -391,9 +426,19 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     //    rows of x it owns
     const W* embedding_row = (const W*)p.embedding + (size_t)token * D;
     const Span own = block_span(D);
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        v[i] = to_float(embedding_row[i]);
-        if (i >= own.begin && i < own.end) p.x[i] = v[i];
+    for (int i0 = threadIdx.x; i0 < D; i0 += blockDim.x * BATCH) {
+        W e[BATCH];
+#pragma unroll
+        for (int j = 0; j < BATCH; j++)
+            if (i0 + j * blockDim.x < D) e[j] = embedding_row[i0 + j * blockDim.x];
+#pragma unroll
+        for (int j = 0; j < BATCH; j++) {
+            const int i = i0 + j * blockDim.x;
+            if (i < D) {
+                v[i] = to_float(e[j]);
+                if (i >= own.begin && i < own.end) p.x[i] = v[i];
+            }
+        }
     }
     for (int l = 0; l < L; l++) {
         unsigned* sync = p.sync + (size_t)l * SYNC_PER_LAYER;
