@@ -292,7 +292,20 @@ __device__ __forceinline__ void load_vector(float* v, const float* src, int n) {
     __syncthreads();
 }
 
-// v = v * rsqrt(mean(v^2) + eps) * weight, as rmsnorm.cu
+// dst (n floats, shared memory) = src (n, 16-byte aligned, n % 4 == 0) by asynchronous 16-byte copies:
+// issued before a wait, they land while the block waits; copy_vector_wait() completes them. (The
+// norm weights: they do not depend on the other blocks, so their round trip need not follow the wait.)
+__device__ __forceinline__ void copy_vector_async(float* dst, const float* src, int n) {
+    for (int i = threadIdx.x * 4; i < n; i += blockDim.x * 4)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst + i)), "l"(src + i) : "memory");
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+__device__ __forceinline__ void copy_vector_wait() {
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+}
+
+// v = v * rsqrt(mean(v^2) + eps) * weight, as rmsnorm.cu; weight in shared memory
 __device__ __forceinline__ void rmsnorm_in_place(float* v, const float* weight, int n, float eps) {
     float ss = 0.f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) ss = fmaf(v[i], v[i], ss);
@@ -300,7 +313,7 @@ __device__ __forceinline__ void rmsnorm_in_place(float* v, const float* weight, 
     for (int i0 = threadIdx.x; i0 < n; i0 += blockDim.x * BATCH) {
         float w[BATCH];
 #pragma unroll
-        for (int j = 0; j < BATCH; j++) w[j] = i0 + j * blockDim.x < n ? __ldg(weight + i0 + j * blockDim.x) : 0.f;
+        for (int j = 0; j < BATCH; j++) w[j] = i0 + j * blockDim.x < n ? weight[i0 + j * blockDim.x] : 0.f;
 #pragma unroll
         for (int j = 0; j < BATCH; j++)
             if (i0 + j * blockDim.x < n) v[i0 + j * blockDim.x] = v[i0 + j * blockDim.x] * inv_rms * w[j];
@@ -322,9 +335,12 @@ template <int HD, int G> struct AttentionShared {
 template <typename KV, int HD, int G>
 __device__ void attention_phase(const DecodeStep& p, int l, int pos, AttentionShared<HD, G>& sh,
                                 const float* inv_freq) {
-    const int n_chunks = attention_n_chunks(p.seq_len), len = pos + 1;
-    const int chunk_rows = attention_chunk_rows(len, n_chunks), n_active = (len + chunk_rows - 1) / chunk_rows;
     const int group = p.n_heads / p.n_kv_heads, n_sub = (group + G - 1) / G, per_chunk = p.n_kv_heads * n_sub;
+    // about one item per block: chunks as long as the context needs, so that a block reads its rows
+    // in one item rather than paying an item's round trips several times (at most the chain's
+    // chunk count, which sizes the scratch)
+    const int n_chunks = max(1, min(attention_n_chunks(p.seq_len), (int)gridDim.x / per_chunk)), len = pos + 1;
+    const int chunk_rows = attention_chunk_rows(len, n_chunks), n_active = (len + chunk_rows - 1) / chunk_rows;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const size_t layer_rows = (size_t)l * p.seq_len * p.n_kv_heads * HD;
     KV* k_cache = (KV*)p.k_cache + layer_rows;
@@ -388,11 +404,12 @@ __device__ void attention_phase(const DecodeStep& p, int l, int pos, AttentionSh
 
 // ---- the step -----------------------------------------------------------------------------------
 
-// Dynamic shared memory: the warps' stages, then the work area: the input vector of a phase
-// (max(dim, q_dim, hidden_dim) floats) or, in phase 2, the attention state.
+// Dynamic shared memory: the warps' stages, then the work area (work_floats: the input vector of a
+// phase, max(dim, q_dim, hidden_dim) floats, or in phase 2 the attention state), then dim floats for
+// the RMSNorm weights.
 template <typename W, typename KV, int HD, int G>
 __global__ void __launch_bounds__(DECODE_THREADS, 1)
-decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result, int stage_bytes) {
+decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result, int stage_bytes, int work_floats) {
     extern __shared__ __align__(128) char smem[];
     __shared__ __align__(8) uint64_t full[DECODE_WARPS][WARP_STAGES];
     __shared__ float inv_freq[HD / 2];  // RoPE's, once per step rather than once per attention item
@@ -411,6 +428,7 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     s.issued = s.consumed = 0;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(s.policy));
     float* v = reinterpret_cast<float*>(smem + (size_t)DECODE_WARPS * WARP_STAGES * stage_bytes);
+    float* norm = v + work_floats;  // (dim) the RMSNorm weights of the next norm
     AttentionShared<HD, G>& att_sh = *reinterpret_cast<AttentionShared<HD, G>*>(v);
     if (threadIdx.x % 32 == 0) {
         for (int i = 0; i < WARP_STAGES; i++)
@@ -443,11 +461,13 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     for (int l = 0; l < L; l++) {
         unsigned* sync = p.sync + (size_t)l * SYNC_PER_LAYER;
         // 1. qkv = wqkv . rmsnorm(x) + bqkv
+        copy_vector_async(norm, p.rms_att + (size_t)l * D, D);
         if (l > 0) {
             wait_for(sync - SYNC_PER_LAYER + SYNC_DOWN, gridDim.x);
             load_vector(v, p.x, D);
         }
-        rmsnorm_in_place(v, p.rms_att + (size_t)l * D, D, p.eps);
+        copy_vector_wait();
+        rmsnorm_in_place(v, norm, D, p.eps);
         const float* bias = p.bqkv ? p.bqkv + (size_t)l * (q_dim + 2 * p.n_kv_heads * HD) : nullptr;
         stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_QKV, v,
                                 [&](int row, float dot, float) { p.qkv[row] = dot + (bias ? bias[row] : 0.f); });
@@ -462,9 +482,11 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
                                 [&](int row, float dot, float) { p.x[row] = __ldcg(p.x + row) + dot; });
         publish(sync + SYNC_O);
         // 4. h = silu(gate . rmsnorm(x)) * (up . rmsnorm(x))
+        copy_vector_async(norm, p.rms_ffn + (size_t)l * D, D);
         wait_for(sync + SYNC_O, gridDim.x);
         load_vector(v, p.x, D);
-        rmsnorm_in_place(v, p.rms_ffn + (size_t)l * D, D, p.eps);
+        copy_vector_wait();
+        rmsnorm_in_place(v, norm, D, p.eps);
         stream_matrix<W, true>(p, s, l * MATS_PER_LAYER + MAT_GATE_UP, v,
                                [&](int i, float gate, float up) { p.h[i] = gate / (1.f + expf(-gate)) * up; });
         publish(sync + SYNC_GATE_UP);
@@ -476,9 +498,11 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
         publish(sync + SYNC_DOWN);
     }
     // 6. logits = lm_head . rmsnorm(x), and their argmax (-1 if any logit is NaN or inf, as argmax_gpu)
+    copy_vector_async(norm, p.rms_final, D);
     wait_for(p.sync + (size_t)(L - 1) * SYNC_PER_LAYER + SYNC_DOWN, gridDim.x);
     load_vector(v, p.x, D);
-    rmsnorm_in_place(v, p.rms_final, D, p.eps);
+    copy_vector_wait();
+    rmsnorm_in_place(v, norm, D, p.eps);
     float best = -INFINITY;
     int best_index = INT_MAX;  // loses every tie with a real index
     bool nonfinite = false;
@@ -521,7 +545,7 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
 
 // ---- launcher -----------------------------------------------------------------------------------
 
-struct DecodeLaunch { int stage_bytes, blocks; size_t smem; };
+struct DecodeLaunch { int stage_bytes, blocks, work_floats; size_t smem; };
 
 // The stages for this shape: the shared memory left beside the work area, split evenly over the
 // warps' stages. A stage must hold GROUP_ROWS rows of a 256-column stretch (else stage_bytes is 0:
@@ -536,13 +560,14 @@ static DecodeLaunch decode_launch(const DecodeStep* p) {
     CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     cudaFuncAttributes attributes;
     CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-    const size_t work = std::max((size_t)std::max({p->dim, q_dim, p->hidden_dim}) * sizeof(float),
-                                 sizeof(AttentionShared<HD, G>));
-    const long room = (long)optin - (long)attributes.sharedSizeBytes - (long)work;
+    const size_t work = (std::max((size_t)std::max({p->dim, q_dim, p->hidden_dim}) * sizeof(float),
+                                  sizeof(AttentionShared<HD, G>)) + 15) / 16 * 16;
+    const long room = (long)optin - (long)attributes.sharedSizeBytes - (long)work - (long)p->dim * 4;
     DecodeLaunch c;
+    c.work_floats = (int)(work / sizeof(float));
     c.stage_bytes = room > 0 ? (int)(room / (DECODE_WARPS * WARP_STAGES) / 128 * 128) : 0;
     if (c.stage_bytes < GROUP_ROWS * 256 * (int)sizeof(W)) c.stage_bytes = 0;
-    c.smem = (size_t)DECODE_WARPS * WARP_STAGES * c.stage_bytes + work;
+    c.smem = (size_t)DECODE_WARPS * WARP_STAGES * c.stage_bytes + work + (size_t)p->dim * 4;
     c.blocks = std::min(sms, MAX_DECODE_BLOCKS);
     return c;
 }
@@ -568,7 +593,7 @@ static int launch_decode(const DecodeStep* p, bool launch, int token, int pos, i
     attribute.id = cudaLaunchAttributeCooperative;
     attribute.val.cooperative = 1;
     cudaLaunchConfig_t config = {dim3(c.blocks), dim3(DECODE_THREADS), c.smem, stream, &attribute, 1};
-    CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, *p, token, pos, result, c.stage_bytes));
+    CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, *p, token, pos, result, c.stage_bytes, c.work_floats));
     return c.stage_bytes;
 }
 

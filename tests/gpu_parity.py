@@ -36,7 +36,8 @@ square of the reference logits at that position.
 
 3. The trained demo model (demo/: Qwen3, vocab 4096, 5 layers; HF float32 references made by
    tests/gen_demo_refs.py in tests/fixtures/demo_ref). Exported with bf16 and with fp16 weights, run
-   with a bf16 and an fp16 KV cache, fused and unfused attention:
+   with a bf16 and an fp16 KV cache, decoded by the persistent kernel ("fused", -a 1) and by the
+   chain of kernels ("unfused", -a 0):
    - logits of the first 512 validation tokens (prefill) at ref.json's positions, and of the greedy
      continuation (decode) wherever its tokens equal HF's, against HF float32 (computed live on the
      same tokens; the live fp32 logits must equal the committed ones to 1e-4): rel L2 within 1e-2
@@ -56,7 +57,7 @@ square of the reference logits at that position.
    same prompt ids, bit for bit: the same kernel computes both.
 
 4. Tight: ./run with fp32 weights against ./runcpu (float32 throughout) on the same file, per
-   position: the fed tokens (prefill) and 64 greedy steps (decode, fused and unfused kernels), both
+   position: the fed tokens (prefill) and 64 greedy steps (decode, persistent kernel and chain), both
    KV types. With fp32 weights the GPU's products run in fp32 on the CUDA cores, so the two programs
    differ by summation order (relative ~1e-6) and by 16-bit roundings inside attention only. Each
    rounding perturbs one value by a relative error of at most u, of mean zero and rms u/sqrt(3) (a
@@ -126,7 +127,7 @@ MODELS = {  # name: class, config, k_norm gains: None (gen_fixtures.randomize's,
     "stress": (Qwen3ForCausalLM, Qwen3Config(num_hidden_layers=4, **QWEN3_06B, **COMMON), "x1000"),
     "qwen3-0.6b-4l-plain": (Qwen3ForCausalLM, Qwen3Config(num_hidden_layers=4, **QWEN3_06B, **COMMON), "plain"),
 }
-# (weights, kv cache, fused attention kernel) combinations of part 2, per model
+# (weights, kv cache, decode path: 1 the persistent kernel, 0 the chain) combinations of part 2, per model
 RUNS = [("bf16", "bf16", 1), ("bf16", "bf16", 0), ("fp16", "fp16", 1), ("fp16", "fp16", 0), ("fp32", "fp16", 1)]
 MODEL_RUNS = {"stress": [("fp16", "fp16", 1)], "qwen3-0.6b-4l-plain": []}
 TIGHT_MODELS = {"qwen2.5-0.5b-4l", "qwen3-0.6b-4l-plain"}  # no k_norm outliers (Qwen2 has no k_norm; part 4)
