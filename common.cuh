@@ -1,6 +1,7 @@
 // common.cuh: device helpers shared by the kernels of rmsnorm.cu, rope.cu, matvec.cu and
 // attention.cu, so that the fused attention kernel runs exactly the math of the unfused chain.
 #pragma once
+#include <limits.h>
 #include <stdint.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -145,35 +146,68 @@ __device__ __forceinline__ void block_argmax(float& v, int& idx) {
     __syncthreads();  // a second call may overwrite values[] only after thread 0 read them
 }
 
+// The argmax of a long vector in two passes (matvec.cu's argmax_gpu, the persistent decode kernel's
+// LM head): every block reduces what its threads saw to one (max, index, whether any value was NaN
+// or inf) in slot blockIdx.x of the partials; then one block reduces the partials. A non-finite
+// value anywhere makes the result -1; the flags ride on the barrier the reduction needs anyway.
+struct ArgmaxPartials { float* value; int* index; bool* nonfinite; };
+
+// Pass 1, every thread of the block: its running (v, idx) and whether it saw a non-finite value.
+__device__ __forceinline__ void store_block_argmax(ArgmaxPartials partials, float v, int idx, bool nonfinite) {
+    nonfinite = __syncthreads_or(nonfinite);
+    block_argmax(v, idx);
+    if (threadIdx.x == 0) {
+        partials.value[blockIdx.x] = v;
+        partials.index[blockIdx.x] = idx;
+        partials.nonfinite[blockIdx.x] = nonfinite;
+    }
+}
+
+// Pass 2, one block over the first n partials (written by other blocks: read through L2); the
+// argmax, or -1, is valid in thread 0.
+__device__ __forceinline__ int reduce_block_argmax(ArgmaxPartials partials, int n) {
+    float v = -INFINITY;
+    int idx = INT_MAX;  // loses every tie with a real index
+    bool nonfinite = false;
+    for (int b = threadIdx.x; b < n; b += blockDim.x) {
+        const float value = __ldcg(&partials.value[b]);
+        const int index = __ldcg(&partials.index[b]);
+        nonfinite |= __ldcg(reinterpret_cast<const unsigned char*>(&partials.nonfinite[b])) != 0;
+        if (argmax_better(value, index, v, idx)) { v = value; idx = index; }
+    }
+    nonfinite = __syncthreads_or(nonfinite);
+    block_argmax(v, idx);
+    return nonfinite ? -1 : idx;  // every value finite: idx is a real index
+}
+
 // ---- matrix-vector rows -------------------------------------------------------------------------
 
 // One warp computes dot(w[row_i], x) for the first `active` of NROWS rows at once (swiglu: gate and
 // up), all lanes get the sums (0 for the inactive rows). x (cols) may live in global or shared
 // memory; the rows are read VIA (global: VIA_NC; the persistent decode kernel's stages in shared
-// memory: VIA_PLAIN). Only the 256-column stretches first, first + step, ... are summed (the
-// persistent kernel splits long rows over several warps); all of them by default. Vector path
-// (vec: cols % 8 == 0, w and x 16-byte aligned): lane l reads elements [8l, 8l+8) of a stretch, so
-// a warp reads 512 contiguous bytes of a bf16 row per load; UNROLL stretches are loaded before any
-// is used to keep 64 bytes (bf16/fp16) per lane and row in flight.
+// memory: VIA_PLAIN). Vector path (vec: cols % 8 == 0, w and x 16-byte aligned): lane l reads
+// elements [8l, 8l+8) of every 256-element stretch, so a warp reads 512 contiguous bytes of a bf16
+// row per load; UNROLL stretches are loaded before any is used to keep 64 bytes (bf16/fp16) per
+// lane and row in flight.
 template <typename W, int NROWS, Via VIA = VIA_NC>
 __device__ __forceinline__ void warp_dot_rows(float sums[NROWS], const W* const rows[NROWS], const float* x,
-                                              int cols, bool vec, int active = NROWS, int first = 0, int step = 1) {
+                                              int cols, bool vec, int active = NROWS) {
     constexpr int UNROLL = sizeof(W) == 4 ? 2 : 4;  // same bytes in flight for every dtype
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int r = 0; r < NROWS; r++) sums[r] = 0.f;
     if (vec) {
-        for (int c0 = first * 256 + lane * 8; c0 < cols; c0 += 256 * step * UNROLL) {
+        for (int c0 = lane * 8; c0 < cols; c0 += 256 * UNROLL) {
             Pack8<W> packs[UNROLL][NROWS];
 #pragma unroll
             for (int u = 0; u < UNROLL; u++)
 #pragma unroll
                 for (int r = 0; r < NROWS; r++)
-                    packs[u][r] = r < active && c0 + 256 * step * u < cols
-                                      ? load_pack8<W, VIA>(rows[r] + c0 + 256 * step * u) : zero_pack8<W>();
+                    packs[u][r] = r < active && c0 + 256 * u < cols ? load_pack8<W, VIA>(rows[r] + c0 + 256 * u)
+                                                                    : zero_pack8<W>();
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
-                const int c = c0 + 256 * step * u;
+                const int c = c0 + 256 * u;
                 if (c >= cols) break;
                 const float4 xa = *reinterpret_cast<const float4*>(x + c);
                 const float4 xb = *reinterpret_cast<const float4*>(x + c + 4);
@@ -188,13 +222,12 @@ __device__ __forceinline__ void warp_dot_rows(float sums[NROWS], const W* const 
             }
         }
     } else {
-        for (int s0 = first * 256; s0 < cols; s0 += 256 * step)
-            for (int c = s0 + lane; c < min(cols, s0 + 256); c += 32) {
-                const float xc = x[c];
+        for (int c = lane; c < cols; c += 32) {
+            const float xc = x[c];
 #pragma unroll
-                for (int r = 0; r < NROWS; r++)
-                    if (r < active) sums[r] = fmaf(to_float(rows[r][c]), xc, sums[r]);
-            }
+            for (int r = 0; r < NROWS; r++)
+                if (r < active) sums[r] = fmaf(to_float(rows[r][c]), xc, sums[r]);
+        }
     }
 #pragma unroll
     for (int r = 0; r < NROWS; r++) sums[r] = warp_sum(sums[r]);

@@ -31,7 +31,6 @@
 //   5. x += w_down . h
 //   6. logits = lm_head . rmsnorm(x) and their argmax; the last block to finish reduces the blocks'
 //      maxima, leaves (argmax, pos + 1) as the next step's input and zeroes the counters.
-#include <limits.h>
 #include <algorithm>
 #include "attention.cuh"
 
@@ -511,29 +510,13 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
         nonfinite |= !isfinite(dot);
         if (argmax_better(dot, row, best, best_index)) { best = dot; best_index = row; }
     });
-    nonfinite = __syncthreads_or(nonfinite);
-    block_argmax(best, best_index);
-    if (threadIdx.x == 0) {
-        decode_block_max[blockIdx.x] = best;
-        decode_block_argmax[blockIdx.x] = best_index;
-        decode_block_nonfinite[blockIdx.x] = nonfinite;
-    }
+    const ArgmaxPartials partials = {decode_block_max, decode_block_argmax, decode_block_nonfinite};
+    store_block_argmax(partials, best, best_index, nonfinite);
     const size_t n_sync = sync_words(L, p.n_kv_heads);
     if (arrive_last(p.sync + n_sync - 1, gridDim.x)) {  // the last block: every other one is done
-        best = -INFINITY;
-        best_index = INT_MAX;
-        nonfinite = false;
-        for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
-            const float value = __ldcg(&decode_block_max[b]);
-            const int index = __ldcg(&decode_block_argmax[b]);
-            nonfinite |= __ldcg((const unsigned char*)&decode_block_nonfinite[b]) != 0;
-            if (argmax_better(value, index, best, best_index)) { best = value; best_index = index; }
-        }
-        nonfinite = __syncthreads_or(nonfinite);
-        block_argmax(best, best_index);
+        const int next = reduce_block_argmax(partials, gridDim.x);
         for (size_t i = threadIdx.x; i < n_sync; i += blockDim.x) p.sync[i] = 0;  // for the next step
-        if (threadIdx.x == 0) {  // block_argmax's result (no copies are in flight now: the fence is cheap)
-            const int next = nonfinite ? -1 : best_index;
+        if (threadIdx.x == 0) {  // the argmax (no copies are in flight now: the fence is cheap)
             p.io[0] = next;
             p.io[1] = pos + 1;
             p.io[2] = next;

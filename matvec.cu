@@ -45,10 +45,9 @@ __global__ void embed_kernel(float* x, const W* embedding, const int* tokens, in
     if (i < dim) x[(size_t)blockIdx.y * dim + i] = to_float(embedding[(size_t)tokens[blockIdx.y] * dim + i]);
 }
 
-// argmax in two passes: ARGMAX_BLOCKS block maxima into these buffers, then one block over them.
-// A non-finite logit (NaN, +-inf) anywhere makes the result -1: a flag per thread, reduced with the
-// block barrier the reduction needs anyway (__syncthreads_or), so the check costs no extra pass.
-// The buffers are module state: argmax calls must not run concurrently on different streams.
+// argmax in two passes (common.cuh): ARGMAX_BLOCKS block maxima into these buffers, then one block
+// over them; -1 if a logit is NaN or +-inf. The buffers are module state: argmax calls must not run
+// concurrently on different streams.
 constexpr int ARGMAX_BLOCKS = 264, ARGMAX_THREADS = 1024;
 __device__ float argmax_block_value[ARGMAX_BLOCKS];
 __device__ int argmax_block_index[ARGMAX_BLOCKS];
@@ -62,30 +61,15 @@ __global__ void argmax_blocks_kernel(const float* logits, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         const float x = logits[i];
         nonfinite |= !isfinite(x);
-        if (x > v || (x == v && i < idx)) { v = x; idx = i; }
+        if (argmax_better(x, i, v, idx)) { v = x; idx = i; }
     }
-    nonfinite = __syncthreads_or(nonfinite);
-    block_argmax(v, idx);
-    if (threadIdx.x == 0) {
-        argmax_block_value[blockIdx.x] = v;
-        argmax_block_index[blockIdx.x] = idx;
-        argmax_block_nonfinite[blockIdx.x] = nonfinite;
-    }
+    store_block_argmax({argmax_block_value, argmax_block_index, argmax_block_nonfinite}, v, idx, nonfinite);
 }
 
 __global__ void argmax_final_kernel(int* out, int n_blocks) {
     griddep_wait();
-    float v = -INFINITY;
-    int idx = INT_MAX;
-    bool nonfinite = false;
-    if (threadIdx.x < n_blocks) {
-        v = argmax_block_value[threadIdx.x];
-        idx = argmax_block_index[threadIdx.x];
-        nonfinite = argmax_block_nonfinite[threadIdx.x];
-    }
-    nonfinite = __syncthreads_or(nonfinite);
-    block_argmax(v, idx);
-    if (threadIdx.x == 0) *out = nonfinite ? -1 : idx;  // every logit finite: idx is a real index
+    const int result = reduce_block_argmax({argmax_block_value, argmax_block_index, argmax_block_nonfinite}, n_blocks);
+    if (threadIdx.x == 0) *out = result;
 }
 
 // nll[t] = logsumexp(logits[t]) - logits[t][targets[t]]: one block per row, max then sum, in fp32
