@@ -15,11 +15,16 @@ PYTHON ?= $(firstword $(foreach p,python3 /usr/bin/python3,$(shell $(p) -c "impo
 runcpu: run.c tokenizer.h
 	$(CC) $(CFLAGS) -fopenmp -o $@ run.c -lm
 
-KERNEL_OBJS = $(KERNELS:%.cu=build/%.o)
+# decode.cu compiles as two objects, each with half of its kernels (its dispatch says why)
+KERNEL_OBJS = $(patsubst %.cu,build/%.o,$(filter-out decode.cu,$(KERNELS))) build/decode-0.o build/decode-1.o
 
 build/%.o: %.cu kernels.h common.cuh attention.cuh tensor_core.cuh
 	@mkdir -p build
 	$(NVCC) $(NVFLAGS) -Xcompiler -fPIC -c $< -o $@
+
+build/decode-%.o: decode.cu kernels.h common.cuh attention.cuh
+	@mkdir -p build
+	$(NVCC) $(NVFLAGS) -Xcompiler -fPIC -DDECODE_PART=$* -c $< -o $@
 
 # nvcc compiles run.c as C with the host compiler and knows where the CUDA headers are
 build/run.o: run.c tokenizer.h kernels.h

@@ -77,22 +77,22 @@ __device__ void attend_chunk(AttendShared<HD, G, WARPS>& sh, float* scratch, con
         for (int j = 0; j < 8; j++) acc[g][j] = 0.f;
     }
     for (int base = start + warp * RPW * U; base < end; base += WARPS * RPW * U) {
-        Pack8<KV> kp[U], vp[U];
+        Pack<KV> kp[U], vp[U];
         bool valid[U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int r = base + u * RPW + row_in_load;
             valid[u] = r < end;
             const size_t off = ((size_t)r * n_kv_heads + kv_head) * HD + seg * 8;
-            kp[u] = valid[u] ? load_pack8<KV, VIA_L2>(k_cache + off) : zero_pack8<KV>();
-            vp[u] = valid[u] ? load_pack8<KV, VIA_L2>(v_cache + off) : zero_pack8<KV>();
+            kp[u] = valid[u] ? load_pack<KV, VIA_L2>(k_cache + off) : zero_pack<KV>();
+            vp[u] = valid[u] ? load_pack<KV, VIA_L2>(v_cache + off) : zero_pack<KV>();
         }
         // scores s[u][g] = q_g . k_row, summed over the row's LPR lanes
         float s[U][G];
 #pragma unroll
         for (int u = 0; u < U; u++) {
             float kf[8];
-            unpack8(kp[u], kf);
+            unpack(kp[u], kf);
 #pragma unroll
             for (int g = 0; g < G; g++) {
                 if (g >= group) break;
@@ -131,7 +131,7 @@ __device__ void attend_chunk(AttendShared<HD, G, WARPS>& sh, float* scratch, con
 #pragma unroll
         for (int u = 0; u < U; u++) {
             float vf[8];
-            unpack8(vp[u], vf);
+            unpack(vp[u], vf);
 #pragma unroll
             for (int g = 0; g < G; g++) {
                 if (g >= group) break;
@@ -216,7 +216,7 @@ __device__ __forceinline__ void merge_head(float* out, const float* partials, in
     __syncthreads();  // m_chunk and l_chunk are rewritten by the next call
 }
 
-static void check_attention_shape(int kv_dtype, int n_heads, int n_kv_heads, int head_dim, const char* who) {
+inline void check_attention_shape(int kv_dtype, int n_heads, int n_kv_heads, int head_dim, const char* who) {
     if (kv_dtype != DT_BF16 && kv_dtype != DT_F16) {
         fprintf(stderr, "error: %s: KV cache dtype %d is not bf16 or fp16\n", who, kv_dtype);
         exit(1);

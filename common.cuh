@@ -3,6 +3,7 @@
 #pragma once
 #include <limits.h>
 #include <stdint.h>
+#include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include "kernels.h"
@@ -39,9 +40,35 @@ template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 
-// 8 consecutive elements of a row, fetched with 16-byte loads: one for bf16/fp16, two for fp32.
-template <typename T> struct Pack8 { uint4 bits; };
-template <> struct Pack8<float> { float4 lo, hi; };
+// Weights of dtype DT_INT8 are int8_t, each block of Q8_BLOCK consecutive weights of a row scaled by
+// one fp16 scale (kernels.h): weight = value * scale.
+constexpr int Q8_BLOCK = 32;
+template <typename W> constexpr bool is_int8 = std::is_same_v<W, int8_t>;
+
+// Element i of a weight matrix as float (int8: times its block's scale; scales unused otherwise).
+template <typename W>
+__device__ __forceinline__ float weight_at(const W* w, const __half* scales, size_t i) {
+    if constexpr (is_int8<W>) return (float)w[i] * __half2float(scales[i / Q8_BLOCK]);
+    else return to_float(w[i]);
+}
+
+// Host: DISPATCH_W(wdtype, body) runs body with W the element type of the weight dtype (DT_*; int8
+// for any other: the launchers check wdtype first).
+#define DISPATCH_W(WDTYPE, BODY)                                          \
+    switch (WDTYPE) {                                                     \
+        case DT_F32: { using W = float; BODY; } break;                    \
+        case DT_BF16: { using W = __nv_bfloat16; BODY; } break;           \
+        case DT_F16: { using W = __half; BODY; } break;                   \
+        default: { using W = int8_t; BODY; } break;                       \
+    }
+
+// 8 consecutive elements of a row: bf16/fp16 in one 16-byte load, fp32 in two, int8 in one 8-byte
+// load. (int8 in 16-byte loads of 16 would need each lane's 16 x values, 64 bytes, per load: lanes
+// 64 bytes apart collide in the shared-memory banks and double the L1 traffic of x per weight, and
+// measured slower than bf16: 622 against 799 tok/s on the 0.6B shape.)
+template <typename T> struct Pack { uint4 bits; };
+template <> struct Pack<float> { float4 lo, hi; };
+template <> struct Pack<int8_t> { uint2 bits; };
 
 // Three ways to read memory. Weights are read-only for every kernel and go through the
 // non-coherent read-only path (VIA_NC: __ldg, ld.global.nc). That path is defined only for memory
@@ -56,26 +83,29 @@ template <Via VIA, typename V>
 __device__ __forceinline__ V load16(const V* p) { return VIA == VIA_NC ? __ldg(p) : VIA == VIA_L2 ? __ldcg(p) : *p; }
 
 template <typename T, Via VIA = VIA_NC>
-__device__ __forceinline__ Pack8<T> load_pack8(const T* p) {  // p 16-byte aligned
-    Pack8<T> r;
+__device__ __forceinline__ Pack<T> load_pack(const T* p) {  // p aligned to the pack's size
+    Pack<T> r;
     if constexpr (sizeof(T) == 4) {
         r.lo = load16<VIA>(reinterpret_cast<const float4*>(p));
         r.hi = load16<VIA>(reinterpret_cast<const float4*>(p) + 1);
+    } else if constexpr (sizeof(T) == 1) {
+        r.bits = load16<VIA>(reinterpret_cast<const uint2*>(p));
     } else {
         r.bits = load16<VIA>(reinterpret_cast<const uint4*>(p));
     }
     return r;
 }
-template <typename T> __device__ __forceinline__ Pack8<T> zero_pack8() { Pack8<T> r; r.bits = make_uint4(0, 0, 0, 0); return r; }
-template <> __device__ __forceinline__ Pack8<float> zero_pack8() {
-    Pack8<float> r; r.lo = r.hi = make_float4(0.f, 0.f, 0.f, 0.f); return r;
+template <typename T> __device__ __forceinline__ Pack<T> zero_pack() { Pack<T> r; r.bits = make_uint4(0, 0, 0, 0); return r; }
+template <> __device__ __forceinline__ Pack<float> zero_pack() {
+    Pack<float> r; r.lo = r.hi = make_float4(0.f, 0.f, 0.f, 0.f); return r;
 }
+template <> __device__ __forceinline__ Pack<int8_t> zero_pack() { Pack<int8_t> r; r.bits = make_uint2(0, 0); return r; }
 
-__device__ __forceinline__ void unpack8(const Pack8<float>& p, float f[8]) {
+__device__ __forceinline__ void unpack(const Pack<float>& p, float f[8]) {
     f[0] = p.lo.x; f[1] = p.lo.y; f[2] = p.lo.z; f[3] = p.lo.w;
     f[4] = p.hi.x; f[5] = p.hi.y; f[6] = p.hi.z; f[7] = p.hi.w;
 }
-__device__ __forceinline__ void unpack8(const Pack8<__nv_bfloat16>& p, float f[8]) {
+__device__ __forceinline__ void unpack(const Pack<__nv_bfloat16>& p, float f[8]) {
     const uint32_t w[4] = {p.bits.x, p.bits.y, p.bits.z, p.bits.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {  // bf16 is the top half of an fp32: a shift or a mask converts it
@@ -83,7 +113,7 @@ __device__ __forceinline__ void unpack8(const Pack8<__nv_bfloat16>& p, float f[8
         f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
-__device__ __forceinline__ void unpack8(const Pack8<__half>& p, float f[8]) {
+__device__ __forceinline__ void unpack(const Pack<__half>& p, float f[8]) {
     const uint32_t w[4] = {p.bits.x, p.bits.y, p.bits.z, p.bits.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -91,6 +121,18 @@ __device__ __forceinline__ void unpack8(const Pack8<__half>& p, float f[8]) {
         f[2 * i] = v.x;
         f[2 * i + 1] = v.y;
     }
+}
+// Four int8 (a 32-bit word) to float, exactly and without conversion instructions (a decode step
+// converts ~13 int8 weights per SM per clock, near the 16 conversions per clock an SM issues): the
+// byte plus 128 becomes the low mantissa bits of 2^23, and subtracting 2^23 + 128 leaves the value.
+__device__ __forceinline__ void int8x4_to_float(uint32_t w, float f[4]) {
+    const uint32_t biased = w ^ 0x80808080u;  // each byte b -> b + 128, as unsigned
+#pragma unroll
+    for (int b = 0; b < 4; b++) f[b] = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7440 | b)) - 8388736.f;
+}
+__device__ __forceinline__ void unpack(const Pack<int8_t>& p, float f[8]) {
+    int8x4_to_float(p.bits.x, f);
+    int8x4_to_float(p.bits.y, f + 4);
 }
 
 // ---- reductions ---------------------------------------------------------------------------------
@@ -184,40 +226,58 @@ __device__ __forceinline__ int reduce_block_argmax(ArgmaxPartials partials, int 
 
 // One warp computes dot(w[row_i], x) for the first `active` of NROWS rows at once (swiglu: gate and
 // up), all lanes get the sums (0 for the inactive rows). x (cols) may live in global or shared
-// memory; the rows are read VIA (global: VIA_NC; the persistent decode kernel's stages in shared
-// memory: VIA_PLAIN). Vector path (vec: cols % 8 == 0, w and x 16-byte aligned): lane l reads
-// elements [8l, 8l+8) of every 256-element stretch, so a warp reads 512 contiguous bytes of a bf16
-// row per load; UNROLL stretches are loaded before any is used to keep 64 bytes (bf16/fp16) per
-// lane and row in flight.
+// memory; the rows (and int8's scales: scales[r] the scales of row r, from its first column) are
+// read VIA (global: VIA_NC; the persistent decode kernel's stages in shared memory: VIA_PLAIN).
+// Vector path (vec: cols % 8 == 0, w and x 16-byte aligned; int8 always): lane l reads elements
+// [8l, 8l + 8) of every 256-element stretch of a row (Pack), so a warp reads 512 contiguous bytes of
+// a 16-bit row per load; UNROLL stretches are loaded before any is used to keep 64 bytes per lane
+// and row in flight. An int8 lane's 8 weights lie in one block: their dot product with x, times the
+// block's scale, is added to the sum.
 template <typename W, int NROWS, Via VIA = VIA_NC>
 __device__ __forceinline__ void warp_dot_rows(float sums[NROWS], const W* const rows[NROWS], const float* x,
-                                              int cols, bool vec, int active = NROWS) {
-    constexpr int UNROLL = sizeof(W) == 4 ? 2 : 4;  // same bytes in flight for every dtype
+                                              int cols, bool vec, int active = NROWS,
+                                              const __half* const* scales = nullptr) {
+    constexpr int E = 8, STRETCH = 32 * E;  // elements per lane per pack, per warp per pack
+    constexpr int UNROLL = 64 / (E * sizeof(W)) < 2 ? 2 : 64 / (E * sizeof(W));  // 64 bytes in flight (fp32 2 x 32)
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int r = 0; r < NROWS; r++) sums[r] = 0.f;
     if (vec) {
-        for (int c0 = lane * 8; c0 < cols; c0 += 256 * UNROLL) {
-            Pack8<W> packs[UNROLL][NROWS];
+        for (int c0 = lane * E; c0 < cols; c0 += STRETCH * UNROLL) {
+            Pack<W> packs[UNROLL][NROWS];
+            float block_scale[UNROLL][NROWS];
 #pragma unroll
             for (int u = 0; u < UNROLL; u++)
 #pragma unroll
-                for (int r = 0; r < NROWS; r++)
-                    packs[u][r] = r < active && c0 + 256 * u < cols ? load_pack8<W, VIA>(rows[r] + c0 + 256 * u)
-                                                                    : zero_pack8<W>();
+                for (int r = 0; r < NROWS; r++) {
+                    const int c = c0 + STRETCH * u;
+                    const bool load = r < active && c < cols;
+                    packs[u][r] = load ? load_pack<W, VIA>(rows[r] + c) : zero_pack<W>();
+                    if constexpr (is_int8<W>) block_scale[u][r] = load ? __half2float(load16<VIA>(scales[r] + c / Q8_BLOCK)) : 0.f;
+                }
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
-                const int c = c0 + 256 * u;
+                const int c = c0 + STRETCH * u;
                 if (c >= cols) break;
-                const float4 xa = *reinterpret_cast<const float4*>(x + c);
-                const float4 xb = *reinterpret_cast<const float4*>(x + c + 4);
-                const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+                float xv[E];
+#pragma unroll
+                for (int i = 0; i < E; i += 4) {
+                    const float4 x4 = *reinterpret_cast<const float4*>(x + c + i);
+                    xv[i] = x4.x; xv[i + 1] = x4.y; xv[i + 2] = x4.z; xv[i + 3] = x4.w;
+                }
 #pragma unroll
                 for (int r = 0; r < NROWS; r++) {
-                    float wv[8];
-                    unpack8(packs[u][r], wv);
+                    float wv[E];
+                    unpack(packs[u][r], wv);
+                    if constexpr (is_int8<W>) {
+                        float dot = 0.f;
 #pragma unroll
-                    for (int i = 0; i < 8; i++) sums[r] = fmaf(wv[i], xv[i], sums[r]);
+                        for (int i = 0; i < E; i++) dot = fmaf(wv[i], xv[i], dot);
+                        sums[r] = fmaf(dot, block_scale[u][r], sums[r]);
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < E; i++) sums[r] = fmaf(wv[i], xv[i], sums[r]);
+                    }
                 }
             }
         }
@@ -226,7 +286,7 @@ __device__ __forceinline__ void warp_dot_rows(float sums[NROWS], const W* const 
             const float xc = x[c];
 #pragma unroll
             for (int r = 0; r < NROWS; r++)
-                if (r < active) sums[r] = fmaf(to_float(rows[r][c]), xc, sums[r]);
+                if (r < active) sums[r] = fmaf(weight_at(rows[r], scales ? scales[r] : nullptr, c), xc, sums[r]);
         }
     }
 #pragma unroll

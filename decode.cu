@@ -43,10 +43,11 @@ constexpr int WARP_STAGES = 3;               // shared-memory stages of each war
 constexpr int GROUP_ROWS = 4;                // rows whose dot products a warp computes at once (x read once)
 constexpr int MAX_DECODE_BLOCKS = 1024;
 
-// the blocks' maxima of the logits, for the last block's argmax (module state: one stream at a time)
-__device__ float decode_block_max[MAX_DECODE_BLOCKS];
-__device__ int decode_block_argmax[MAX_DECODE_BLOCKS];
-__device__ bool decode_block_nonfinite[MAX_DECODE_BLOCKS];
+// the blocks' maxima of the logits, for the last block's argmax (module state: one stream at a time;
+// each of the file's two objects, below, has its own)
+static __device__ float decode_block_max[MAX_DECODE_BLOCKS];
+static __device__ int decode_block_argmax[MAX_DECODE_BLOCKS];
+static __device__ bool decode_block_nonfinite[MAX_DECODE_BLOCKS];
 
 // ---- synchronisation between blocks -------------------------------------------------------------
 
@@ -54,10 +55,9 @@ __device__ bool decode_block_nonfinite[MAX_DECODE_BLOCKS];
 // attention items), then one for the LM head. All zero when a step starts.
 enum { SYNC_QKV, SYNC_ATT, SYNC_O, SYNC_GATE_UP, SYNC_DOWN, SYNC_PER_LAYER };
 
-static __host__ __device__ size_t sync_words(int n_layers, int n_kv_heads) {
+__host__ __device__ inline size_t sync_words(int n_layers, int n_kv_heads) {
     return (size_t)n_layers * (SYNC_PER_LAYER + n_kv_heads) + 1;
 }
-extern "C" size_t decode_sync_words(int n_layers, int n_kv_heads) { return sync_words(n_layers, n_kv_heads); }
 
 __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
     unsigned v;
@@ -107,23 +107,32 @@ enum { MAT_QKV, MAT_O, MAT_GATE_UP, MAT_DOWN, MATS_PER_LAYER };
 template <typename W> struct Units {
     const W* rows;     // unit i's row: rows + i * cols
     const W* up_rows;  // w_gate_up: unit i's up row, up_rows + i * cols; else NULL
+    const __half *scales, *up_scales;  // int8: the rows' scales, (count, cols / Q8_BLOCK) each
     int count, cols;
 };
+
+// Rows [first, first + count) of a stacked matrix of `cols` columns (its scales: int8)
+template <typename W>
+__device__ __forceinline__ Units<W> units_of(const void* matrix, const void* scales, size_t first, int count, int cols,
+                                             bool paired) {
+    const size_t skip = paired ? (size_t)count * cols : 0;  // gate rows, then as many up rows
+    const W* rows = (const W*)matrix + first * cols;
+    const __half* row_scales = is_int8<W> ? (const __half*)scales + first * cols / Q8_BLOCK : nullptr;
+    return {rows, paired ? rows + skip : nullptr, row_scales, paired && is_int8<W> ? row_scales + skip / Q8_BLOCK : nullptr,
+            count, cols};
+}
 
 template <typename W>
 __device__ __forceinline__ Units<W> matrix_units(const DecodeStep& p, int matrix) {
     const size_t D = p.dim, H = p.hidden_dim, Q = (size_t)p.n_heads * p.head_dim;
     const size_t QKV = Q + 2 * (size_t)p.n_kv_heads * p.head_dim;
     const size_t l = matrix / MATS_PER_LAYER;
-    if ((int)l == p.n_layers) return {(const W*)p.lm_head, nullptr, p.vocab_size, p.dim};
+    if ((int)l == p.n_layers) return units_of<W>(p.lm_head, p.lm_head_scales, 0, p.vocab_size, p.dim, false);
     switch (matrix % MATS_PER_LAYER) {
-        case MAT_QKV: return {(const W*)p.wqkv + l * QKV * D, nullptr, (int)QKV, p.dim};
-        case MAT_O: return {(const W*)p.wo + l * D * Q, nullptr, p.dim, (int)Q};
-        case MAT_GATE_UP: {
-            const W* gate = (const W*)p.w_gate_up + l * 2 * H * D;
-            return {gate, gate + H * D, p.hidden_dim, p.dim};
-        }
-        default: return {(const W*)p.w_down + l * D * H, nullptr, p.dim, p.hidden_dim};
+        case MAT_QKV: return units_of<W>(p.wqkv, p.wqkv_scales, l * QKV, (int)QKV, p.dim, false);
+        case MAT_O: return units_of<W>(p.wo, p.wo_scales, l * D, p.dim, (int)Q, false);
+        case MAT_GATE_UP: return units_of<W>(p.w_gate_up, p.w_gate_up_scales, l * 2 * H, p.hidden_dim, p.dim, true);
+        default: return units_of<W>(p.w_down, p.w_down_scales, l * D, p.dim, p.hidden_dim, false);
     }
 }
 
@@ -142,10 +151,26 @@ __device__ __forceinline__ Span warp_span(int count) {
 
 // A piece of a warp's weight stream, one stage: `n` units from `unit` (GROUP_ROWS rows at most: 4
 // rows, or 2 gate/up pairs) x the columns [col, col + len). The stage holds the n (gate) row
-// segments, then the n up row segments, each len weights. A row that does not fit a stage whole
-// comes in several pieces of 256-column multiples, one after the other, and the warp adds up their
-// dot products in order.
+// segments, then the n up row segments, each len weights (int8: then each segment's scales, in
+// slots of scale_slot(len) bytes). A row that does not fit a stage whole comes in several pieces
+// of 256-column multiples, one after the other, and the warp adds up their dot products in order.
 struct Piece { int matrix, unit, n, col, len; };
+
+// int8: the scales of a row segment of len weights are len / 16 bytes, not always starting at a
+// 16-byte boundary (a row has cols / 16 bytes of them), and a bulk copy moves 16-byte units: a slot
+// holds the aligned run of memory around them (ScaleRun), the scales `offset` bytes into it.
+__host__ __device__ constexpr int scale_slot(int len) { return (len / 16 + 15) / 16 * 16 + 16; }
+struct ScaleRun { const char* start; uint32_t bytes, offset; };
+__device__ __forceinline__ ScaleRun scale_run(const __half* first, int len) {
+    const uintptr_t at = (uintptr_t)first, start = at & ~(uintptr_t)15, end = (at + len / 16 + 15) & ~(uintptr_t)15;
+    return {(const char*)start, (uint32_t)(end - start), (uint32_t)(at - start)};
+}
+// ...of the piece's k-th row segment in the stage (the n gate or plain rows, then the n up rows)
+template <typename W>
+__device__ __forceinline__ ScaleRun piece_scales(const Units<W>& u, const Piece& piece, int k) {
+    const __half* scales = k < piece.n ? u.scales : u.up_scales;
+    return scale_run(scales + ((size_t)(piece.unit + k % piece.n) * u.cols + piece.col) / Q8_BLOCK, piece.len);
+}
 
 // Where a warp is in its stream (the same in every lane): the matrix, the next unit of the warp's
 // span of it and the span's end, and the next column of the current group of units.
@@ -161,7 +186,9 @@ __device__ __forceinline__ bool next_piece(const DecodeStep& p, Cursor& c, int s
     }
     const Units<W> u = matrix_units<W>(p, c.matrix);
     const int rows_per_unit = u.up_rows ? 2 : 1, n = min(GROUP_ROWS / rows_per_unit, c.end - c.unit);
-    const int fit = stage_bytes / (n * rows_per_unit * (int)sizeof(W)) / 256 * 256;  // columns a stage holds
+    // the columns a stage holds: len per row, int8 also scale_slot(len) = len / 16 + 16 for len % 256 == 0
+    const int row_room = stage_bytes / (n * rows_per_unit);
+    const int fit = (is_int8<W> ? (row_room - 16) * 16 / 17 : row_room / (int)sizeof(W)) / 256 * 256;
     piece = {c.matrix, c.unit, n, c.col, min(u.cols - c.col, fit)};
     c.col += piece.len;
     if (c.col == u.cols) {
@@ -207,7 +234,10 @@ __device__ void issue_next(const DecodeStep& p, WarpStream& s) {
         const uint32_t bar = smem_addr(&s.full[slot]), row_bytes = piece.len * sizeof(W);
         const uint32_t rows = piece.n * (u.up_rows ? 2 : 1);
         char* dst = s.stages + (size_t)slot * s.stage_bytes;
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(rows * row_bytes) : "memory");
+        uint32_t bytes = rows * row_bytes;
+        if constexpr (is_int8<W>)
+            for (int k = 0; k < (int)rows; k++) bytes += piece_scales(u, piece, k).bytes;
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
         const W* src = u.rows + (size_t)piece.unit * u.cols + piece.col;
         const W* up = u.up_rows ? u.up_rows + (size_t)piece.unit * u.cols + piece.col : nullptr;
         if (piece.len == u.cols) {  // whole rows: one run of memory
@@ -220,6 +250,11 @@ __device__ void issue_next(const DecodeStep& p, WarpStream& s) {
                     bulk_copy(dst + (piece.n + i) * row_bytes, up + (size_t)i * u.cols, row_bytes, bar, s.policy);
             }
         }
+        if constexpr (is_int8<W>)
+            for (int k = 0; k < (int)rows; k++) {
+                const ScaleRun run = piece_scales(u, piece, k);
+                bulk_copy(dst + rows * row_bytes + k * scale_slot(piece.len), run.start, run.bytes, bar, s.policy);
+            }
     }
 }
 
@@ -238,24 +273,33 @@ __device__ __forceinline__ void wait_stage(uint64_t* full, int parity) {
 template <typename W, bool PAIRED, typename Epilogue>
 __device__ void stream_matrix(const DecodeStep& p, WarpStream& s, int matrix, const float* v, Epilogue epilogue) {
     constexpr int ROWS = PAIRED ? 2 : 1;
+    const Units<W> u = matrix_units<W>(p, matrix);
     float acc[GROUP_ROWS] = {};
     while (s.more && s.next.matrix == matrix) {
         const Piece piece = s.next;
         const int slot = s.consumed % WARP_STAGES;
         wait_stage(&s.full[slot], (s.consumed / WARP_STAGES) & 1);
         const W* stage = (const W*)(s.stages + (size_t)slot * s.stage_bytes);
+        const char* scale_slots = (const char*)(stage + (size_t)piece.n * ROWS * piece.len);  // int8
         const W* rows[GROUP_ROWS];
+        const __half* scales[GROUP_ROWS] = {};
 #pragma unroll
         for (int j = 0; j < GROUP_ROWS / ROWS; j++) {
-            const int unit = min(j, piece.n - 1);
-            rows[ROWS * j] = stage + (size_t)unit * piece.len;
-            if (PAIRED) rows[ROWS * j + 1] = stage + (size_t)(piece.n + unit) * piece.len;
+#pragma unroll
+            for (int part = 0; part < ROWS; part++) {  // the gate (or plain) row, then the up row
+                const int k = part * piece.n + min(j, piece.n - 1);  // its segment in the stage
+                rows[ROWS * j + part] = stage + (size_t)k * piece.len;
+                if constexpr (is_int8<W>) {
+                    const ScaleRun run = piece_scales(u, piece, k);
+                    scales[ROWS * j + part] = (const __half*)(scale_slots + k * scale_slot(piece.len) + run.offset);
+                }
+            }
         }
         float sums[GROUP_ROWS];
-        warp_dot_rows<W, GROUP_ROWS, VIA_PLAIN>(sums, rows, v + piece.col, piece.len, true, piece.n * ROWS);
+        warp_dot_rows<W, GROUP_ROWS, VIA_PLAIN>(sums, rows, v + piece.col, piece.len, true, piece.n * ROWS, scales);
 #pragma unroll
         for (int r = 0; r < GROUP_ROWS; r++) acc[r] += sums[r];
-        if (piece.col + piece.len == matrix_units<W>(p, matrix).cols) {  // the group's last columns
+        if (piece.col + piece.len == u.cols) {  // the group's last columns
             if (threadIdx.x % 32 == 0)
 #pragma unroll
                 for (int j = 0; j < GROUP_ROWS / ROWS; j++)
@@ -441,18 +485,19 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
 
     // 0. x = embedding[token]: every block keeps it (layer 0's rmsnorm needs all of it) and stores the
     //    rows of x it owns
-    const W* embedding_row = (const W*)p.embedding + (size_t)token * D;
+    const size_t embedding_row = (size_t)token * D;
     const Span own = block_span(D);
     for (int i0 = threadIdx.x; i0 < D; i0 += blockDim.x * BATCH) {
-        W e[BATCH];
+        float e[BATCH];
 #pragma unroll
         for (int j = 0; j < BATCH; j++)
-            if (i0 + j * blockDim.x < D) e[j] = embedding_row[i0 + j * blockDim.x];
+            if (i0 + j * blockDim.x < D)
+                e[j] = weight_at((const W*)p.embedding, (const __half*)p.embedding_scales, embedding_row + i0 + j * blockDim.x);
 #pragma unroll
         for (int j = 0; j < BATCH; j++) {
             const int i = i0 + j * blockDim.x;
             if (i < D) {
-                v[i] = to_float(e[j]);
+                v[i] = e[j];
                 if (i >= own.begin && i < own.end) p.x[i] = v[i];
             }
         }
@@ -549,7 +594,7 @@ static DecodeLaunch decode_launch(const DecodeStep* p) {
     DecodeLaunch c;
     c.work_floats = (int)(work / sizeof(float));
     c.stage_bytes = room > 0 ? (int)(room / (DECODE_WARPS * WARP_STAGES) / 128 * 128) : 0;
-    if (c.stage_bytes < GROUP_ROWS * 256 * (int)sizeof(W)) c.stage_bytes = 0;
+    if (c.stage_bytes < GROUP_ROWS * (256 * (int)sizeof(W) + (is_int8<W> ? scale_slot(256) : 0))) c.stage_bytes = 0;
     c.smem = (size_t)DECODE_WARPS * WARP_STAGES * c.stage_bytes + work + (size_t)p->dim * 4;
     c.blocks = std::min(sms, MAX_DECODE_BLOCKS);
     return c;
@@ -580,25 +625,47 @@ static int launch_decode(const DecodeStep* p, bool launch, int token, int pos, i
     return c.stage_bytes;
 }
 
-static int dispatch_decode(const DecodeStep* p, bool launch, int token, int pos, int* result, cudaStream_t stream) {
-    check_attention_shape(p->kv_dtype, p->n_heads, p->n_kv_heads, p->head_dim, "decode_step_gpu");
-    if (p->wdtype != DT_F32 && p->wdtype != DT_BF16 && p->wdtype != DT_F16) {
-        fprintf(stderr, "error: decode_step_gpu: unknown weight dtype %d\n", p->wdtype);
-        exit(1);
-    }
+// The kernel exists for every weight dtype x KV dtype x head size x group cap: 120 instantiations, by
+// far the longest compile of the build. So the Makefile compiles this file twice, DECODE_PART 0
+// instantiating the bf16 and fp16 weights' kernels (and holding the entry points), 1 the fp32 and
+// int8 ones: `make -j` builds the halves side by side.
+template <typename W>
+int dispatch_decode_w(const DecodeStep* p, bool launch, int token, int pos, int* result, cudaStream_t stream) {
     int stages = 0;
-#define DECODE_FOR(W, KV) \
+#define DECODE_FOR(KV) \
     DISPATCH_GROUP(p->n_heads / p->n_kv_heads, DISPATCH_HD(p->head_dim, \
         (stages = launch_decode<W, KV, HD, G>(p, launch, token, pos, result, stream))))
-#define DECODE_FOR_W(W) \
-    if (p->kv_dtype == DT_BF16) { DECODE_FOR(W, __nv_bfloat16) } else { DECODE_FOR(W, __half) }
-    if (p->wdtype == DT_F32) { DECODE_FOR_W(float) }
-    else if (p->wdtype == DT_BF16) { DECODE_FOR_W(__nv_bfloat16) }
-    else { DECODE_FOR_W(__half) }
-#undef DECODE_FOR_W
+    if (p->kv_dtype == DT_BF16) { DECODE_FOR(__nv_bfloat16) } else { DECODE_FOR(__half) }
 #undef DECODE_FOR
     return stages;
 }
+#ifndef DECODE_PART
+#error "compile decode.cu with -DDECODE_PART=0 and 1 (Makefile)"
+#endif
+#define DECODE_INSTANCE(EXTERN, W) EXTERN template int dispatch_decode_w<W>(const DecodeStep*, bool, int, int, int*, cudaStream_t);
+#if DECODE_PART == 0
+DECODE_INSTANCE(, __nv_bfloat16)
+DECODE_INSTANCE(, __half)
+DECODE_INSTANCE(extern, float)
+DECODE_INSTANCE(extern, int8_t)
+
+static int dispatch_decode(const DecodeStep* p, bool launch, int token, int pos, int* result, cudaStream_t stream) {
+    check_attention_shape(p->kv_dtype, p->n_heads, p->n_kv_heads, p->head_dim, "decode_step_gpu");
+    if (p->wdtype != DT_F32 && p->wdtype != DT_BF16 && p->wdtype != DT_F16 && p->wdtype != DT_INT8) {
+        fprintf(stderr, "error: decode_step_gpu: unknown weight dtype %d\n", p->wdtype);
+        exit(1);
+    }
+    const int q_dim = p->n_heads * p->head_dim;
+    if (p->wdtype == DT_INT8 && (p->dim % Q8_BLOCK || p->hidden_dim % Q8_BLOCK || q_dim % Q8_BLOCK)) {
+        fprintf(stderr, "error: decode_step_gpu: int8 weights need dim, hidden_dim and q_dim multiples of %d\n", Q8_BLOCK);
+        exit(1);
+    }
+    int stages = 0;
+    DISPATCH_W(p->wdtype, stages = dispatch_decode_w<W>(p, launch, token, pos, result, stream));
+    return stages;
+}
+
+extern "C" size_t decode_sync_words(int n_layers, int n_kv_heads) { return sync_words(n_layers, n_kv_heads); }
 
 extern "C" int decode_step_stage_bytes(const DecodeStep* step) {
     return dispatch_decode(step, false, 0, 0, nullptr, nullptr);
@@ -611,3 +678,7 @@ extern "C" void decode_step_gpu(const DecodeStep* step, int token, int pos, int*
     }
     CUDA_CHECK(cudaGetLastError());
 }
+#else
+DECODE_INSTANCE(, float)
+DECODE_INSTANCE(, int8_t)
+#endif

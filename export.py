@@ -1,6 +1,6 @@
 """Export a Hugging Face Qwen3 (or Qwen2/Qwen2.5) model folder to one flat checkpoint for run.c.
 
-    python3 export.py MODEL_DIR model.bin [--dtype bf16|fp16|fp32]
+    python3 export.py MODEL_DIR model.bin [--dtype bf16|fp16|fp32|int8]
     python3 export.py --tokenizer tokenizer.json tokenizer.bin
 
 Reads config.json and the safetensors files itself (numpy only: no torch, no safetensors package),
@@ -20,10 +20,12 @@ except ImportError:
     sys.exit("error: export.py needs numpy: apt-get install python3-numpy or pip install numpy")
 
 MAGIC = 0x334E5751  # b"QWN3" little-endian
-VERSION = 1
+VERSION, INT8_VERSION = 1, 2  # int8 files are version 2; fp32, bf16 and fp16 keep version 1's layout
 HEADER_BYTES = 256
 ALIGN = 256
-DTYPES = {"fp32": 0, "bf16": 1, "fp16": 2}  # int8 = 3 is reserved for a later version
+DTYPES = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3}
+Q8_BLOCK = 32  # int8 (GGUF's Q8_0): one fp16 scale per 32 consecutive weights of a row
+Q8_MAX_ABS = 65504.0 * 127  # the largest |weight| whose scale (max |x| / 127) fits fp16
 FLAG_TIED, FLAG_QK_NORM, FLAG_QKV_BIAS = 1, 2, 4
 K_LIMIT = 4096.0  # cached K is kept below this magnitude (fp16's max is 65504)
 
@@ -141,6 +143,27 @@ def read_config(folder):
 # ----------------------------------------------------------------------------------------------
 # writing
 
+def quantize_q8_0(name, x):
+    """float32 rows (n, cols), cols a multiple of Q8_BLOCK -> (int8 (n, cols), fp16 scales (n, cols / 32)),
+    exactly as ggml's quantize_row_q8_0_ref, block by block in float32: d = max |x| / 127,
+    q = roundf(x * (1 / d)), scale = fp16(d) (nearest even)."""
+    blocks = x.reshape(x.shape[0], -1, Q8_BLOCK)
+    amax = np.abs(blocks).max(axis=2)
+    if amax.max(initial=0) > Q8_MAX_ABS:
+        raise ExportError(f"{name}: |weight| {amax.max():g} is beyond int8's range (its fp16 scale would "
+                          f"exceed 65504); export as bf16")
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.float32(1) / d
+    # ggml's `d ? 1/d : 0`; a d so small (max |x| < 3.7e-37) that 1/d overflows float32 is taken as 0
+    # too, giving q = 0 (instead of roundf(inf) or NaN; its fp16 scale is 0 anyway)
+    inv[~np.isfinite(inv)] = 0
+    v = blocks * inv[..., None]
+    whole = np.trunc(v)
+    q = whole + np.where(np.abs(v - whole) >= 0.5, np.sign(v), 0)  # roundf: halves away from zero
+    return q.astype(np.int8).reshape(x.shape), d.astype(np.float16)
+
+
 class Writer:
     def __init__(self, f, out_dtype):
         self.f, self.out_dtype = f, out_dtype
@@ -149,15 +172,21 @@ class Writer:
         pad = -self.f.tell() % ALIGN
         self.f.write(b"\0" * pad)
 
-    def rows(self, name, arr, src_dtype, as_f32=False):
-        """Append arr converted to the output dtype (or float32), about 32 MB at a time."""
+    @staticmethod
+    def chunks(name, arr, src_dtype):
+        """arr as float32 rows, about 32 MB at a time, checked finite."""
         arr = arr.reshape(arr.shape[0] if arr.ndim > 1 else 1, -1)
         step = max(1, (32 << 20) // (4 * arr.shape[1]))
-        dt = "fp32" if as_f32 else self.out_dtype
         for i in range(0, arr.shape[0], step):
             x = to_f32(arr[i:i + step], src_dtype)
             if not np.all(np.isfinite(x)):
                 raise ExportError(f"{name}: holds inf or NaN")
+            yield x
+
+    def rows(self, name, arr, src_dtype, as_f32=False):
+        """Append arr converted to the output dtype (or float32)."""
+        dt = "fp32" if as_f32 else self.out_dtype
+        for x in self.chunks(name, arr, src_dtype):
             if dt == "fp32":
                 self.f.write(x.tobytes())
             elif dt == "bf16":
@@ -166,6 +195,22 @@ class Writer:
                 if np.abs(x).max(initial=0) > 65504:
                     raise ExportError(f"{name}: values beyond fp16's range; export as bf16")
                 self.f.write(x.astype(np.float16).tobytes())
+
+    def quantized(self, tensors):
+        """int8: the matrices [(key, array, src_dtype)] stacked, then their scales as the next (aligned)
+        tensor. Each chunk's scales are written straight to their place further on, so memory stays
+        bounded however large the stack."""
+        at = self.f.tell()
+        scales_at = at + sum(arr.size for _, arr, _ in tensors)
+        scales_at += -scales_at % ALIGN  # the gap before it reads back as zeros
+        for key, arr, src in tensors:
+            for x in self.chunks(key, arr, src):
+                q, scales = quantize_q8_0(key, x)
+                self.f.seek(at)
+                self.f.write(q.tobytes())
+                self.f.seek(scales_at)
+                self.f.write(scales.tobytes())
+                at, scales_at = at + q.nbytes, scales_at + scales.nbytes
 
 
 def k_scale_for(k_norm_weight, head_dim):
@@ -182,6 +227,9 @@ def export_model(folder, out_path, out_dtype=None):
         out_dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(cfg["source_dtype"], "fp32")
     D, H, L, hd = cfg["dim"], cfg["hidden_dim"], cfg["n_layers"], cfg["head_dim"]
     nq, nkv = cfg["n_heads"] * hd, cfg["n_kv_heads"] * hd
+    if out_dtype == "int8" and (D % Q8_BLOCK or H % Q8_BLOCK or nq % Q8_BLOCK):
+        raise ExportError(f"int8 needs dim, hidden_dim and n_heads * head_dim to be multiples of {Q8_BLOCK} "
+                          f"(they are {D}, {H}, {nq})")
     layer = lambda i, s: f"model.layers.{i}.{s}"
 
     flags = (FLAG_TIED if cfg["tied"] else 0) | (FLAG_QK_NORM if cfg["qk_norm"] else 0) | \
@@ -224,13 +272,17 @@ def export_model(folder, out_path, out_dtype=None):
                               if cfg["qk_norm"] else 1.0 for i in range(L)]
                     f.write(np.array(scales, dtype=np.float32).tobytes())
                     continue
+                if out_dtype == "int8" and not as_f32:
+                    w.quantized([(key, *st.get(key, shape)) for key, shape in parts])
+                    continue
                 for key, shape in parts:
                     arr, src = st.get(key, shape)
                     w.rows(key, arr, src, as_f32)
             w.align()
             size = f.tell()
             f.seek(0)
-            f.write(struct.pack("<II8iffIIQ", MAGIC, VERSION, D, H, L, cfg["n_heads"], cfg["n_kv_heads"],
+            version = INT8_VERSION if out_dtype == "int8" else VERSION
+            f.write(struct.pack("<II8iffIIQ", MAGIC, version, D, H, L, cfg["n_heads"], cfg["n_kv_heads"],
                                 hd, cfg["vocab_size"], cfg["max_seq_len"], cfg["rope_theta"], cfg["eps"],
                                 DTYPES[out_dtype], flags, size))
         os.replace(tmp, out_path)

@@ -1,6 +1,9 @@
 // kernels.h: the CUDA launchers that run.c calls, one per operation. Every pointer is device
 // memory; every launcher is asynchronous on `stream` and checks its own launch. Activations are
 // float32; weights are stored in the checkpoint's dtype (DT_*), the KV cache in bf16 or fp16.
+// DT_INT8 weights (Q8_0): int8 values, and beside them `scales`, one fp16 scale per 32 consecutive
+// weights of a row, (rows, cols / 32); weight = value * scale. cols % 32 == 0, the int8 rows
+// 16-byte aligned. For the other dtypes the scales pointer is ignored (NULL).
 #pragma once
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,7 +13,7 @@
 extern "C" {
 #endif
 
-enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };  // same codes as the checkpoint header
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_INT8 = 3 };  // same codes as the checkpoint header
 
 #define CUDA_CHECK(call) do { cudaError_t e_ = (call); if (e_ != cudaSuccess) { \
     fprintf(stderr, "error: CUDA: %s (%s:%d)\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
@@ -28,16 +31,17 @@ void qk_norm_rope_gpu(float* q, float* k, const float* v, const float* q_norm, c
                       int n_heads, int n_kv_heads, int head_dim, float theta, float eps,
                       cudaStream_t stream);
 
-// matvec.cu: out[r] (+)= dot(w[r], x) + bias[r] for r < rows; w is (rows, cols) of wdtype;
-// bias may be NULL; accumulate adds into out (the residual add).
-void matvec_gpu(float* out, const void* w, int wdtype, const float* x, const float* bias,
-                int rows, int cols, int accumulate, cudaStream_t stream);
+// matvec.cu: out[r] (+)= dot(w[r], x) + bias[r] for r < rows; w is (rows, cols) of wdtype (its
+// scales: int8); bias may be NULL; accumulate adds into out (the residual add).
+void matvec_gpu(float* out, const void* w, const void* scales, int wdtype, const float* x,
+                const float* bias, int rows, int cols, int accumulate, cudaStream_t stream);
 // h[i] = silu(dot(w[i], x)) * dot(w[hidden + i], x): the gate rows then the up rows of w_gate_up
-void swiglu_matvec_gpu(float* h, const void* w_gate_up, int wdtype, const float* x,
+// (2 hidden, dim)
+void swiglu_matvec_gpu(float* h, const void* w_gate_up, const void* scales, int wdtype, const float* x,
                        int hidden, int dim, cudaStream_t stream);
 // x (n, dim) = embedding rows tokens[0..n)
-void embed_gpu(float* x, const void* embedding, int wdtype, const int* tokens, int n, int dim,
-               cudaStream_t stream);
+void embed_gpu(float* x, const void* embedding, const void* scales, int wdtype, const int* tokens, int n,
+               int dim, cudaStream_t stream);
 // *out = argmax(logits[0..n)), the lowest index on ties; -1 if any logit is NaN or +-inf (the
 // caller reports it: the model diverged). n >= 1. Uses module scratch: one stream at a time.
 void argmax_gpu(int* out, const float* logits, int n, cudaStream_t stream);
@@ -58,6 +62,8 @@ void attention_gpu(float* out, const float* q, const void* k_cache, const void* 
 // (the chain of the launchers above computes the same function). The stacked tensors are the
 // checkpoint's (README's table), on the device.
 typedef struct {
+    // weights: the stacked tensors, and for int8 each one's scales (same leading shape, last dim / 32;
+    // NULL otherwise)
     const void* embedding;  // (vocab_size, dim), wdtype
     const float* rms_att;   // (n_layers, dim)
     const float* rms_ffn;   // (n_layers, dim)
@@ -71,6 +77,7 @@ typedef struct {
     const void* w_down;     // (n_layers, dim, hidden_dim)
     const float* rms_final; // (dim)
     const void* lm_head;    // (vocab_size, dim)
+    const void *embedding_scales, *wqkv_scales, *wo_scales, *w_gate_up_scales, *w_down_scales, *lm_head_scales;
     void* k_cache;          // (n_layers, seq_len, n_kv_heads, head_dim), kv_dtype
     void* v_cache;          // (n_layers, seq_len, n_kv_heads, head_dim), kv_dtype
     float* x;               // (dim) residual stream
@@ -95,9 +102,10 @@ void decode_step_gpu(const DecodeStep* step, int token, int pos, int* result, cu
 
 // ---- prefill: T = n_tokens prompt tokens at once, matrix products on the tensor cores ----
 // matmul.cu: out (n_tokens, rows) (+)= x (n_tokens, cols) . w (rows, cols)^T + bias (rows, or NULL).
-// bf16/fp16 w: tensor cores, x rounded to w's type, fp32 accumulation; fp32 w: CUDA cores.
-// rows and cols multiples of 8, w and x 16-byte aligned; accumulate adds into out (residual add).
-void matmul_gpu(float* out, const void* w, int wdtype, const float* x, const float* bias,
+// bf16/fp16 w: tensor cores, x rounded to w's type, fp32 accumulation; int8 w: dequantized to bf16
+// on its way to the tensor cores, x rounded to bf16; fp32 w: CUDA cores. rows and cols multiples
+// of 8 (int8: cols of 32), w and x 16-byte aligned; accumulate adds into out (residual add).
+void matmul_gpu(float* out, const void* w, const void* scales, int wdtype, const float* x, const float* bias,
                 int n_tokens, int rows, int cols, int accumulate, cudaStream_t stream);
 // h (n_tokens, hidden) = silu(gate_up[:, :hidden]) * gate_up[:, hidden:], gate_up (n_tokens, 2*hidden);
 // hidden % 4 == 0.

@@ -9,20 +9,24 @@
 // computing tokens 64g..64g+63 x all 128 rows with wgmma m64n128k16 (64 fp32 accumulators per
 // thread). 3 shared-memory stages: the weight tile of k step kt+2 streams in with cp.async, and the
 // fp32 activation tile of kt+2 is loaded to registers, while the wgmmas of kt run; the activations
-// are rounded to 16 bits on their way into shared memory one step later.
+// are rounded to 16 bits on their way into shared memory one step later. int8 weights take the
+// activations' way: loaded to registers with their scales, dequantized and rounded to bf16 on
+// their way into shared memory.
 constexpr int MM_BM = 128, MM_BN = 128, MM_BK = 64, MM_STAGES = 3, MM_THREADS = 256;
 constexpr int MM_CHUNKS = MM_BK / 8;                                         // 16-byte chunks per tile row
 constexpr int MM_STAGE_CHUNKS = (MM_BM + MM_BN) * MM_CHUNKS;                 // A tile then B tile, 32 KB
 constexpr int MM_LOADS = MM_BM * MM_CHUNKS / MM_THREADS;                     // chunks per thread per tile (4)
 constexpr size_t MM_SMEM = (size_t)MM_STAGES * MM_STAGE_CHUNKS * 16 + 1024;  // + room to align to 1024
 
-// out (n_tokens, rows) (+)= x (n_tokens, cols) fp32 . w (rows, cols)^T of T + bias (rows) or NULL.
+// out (n_tokens, rows) (+)= x (n_tokens, cols) fp32 . w (rows, cols)^T of W + bias (rows) or NULL,
+// on the tensor cores in T (W itself, or bf16 for int8 W, whose scales are (rows, cols / Q8_BLOCK)).
 // Grid (token tiles, row tiles): consecutive blocks share a weight tile, so the LM head's weights
-// stream from DRAM once. cols % 8 == 0: a 16-byte chunk is entirely inside or outside the matrix.
-template <typename T>
-__global__ void __launch_bounds__(MM_THREADS) matmul_tc_kernel(float* out, const T* w, const float* x,
-                                                             const float* bias, int n_tokens, int rows,
-                                                             int cols, int accumulate) {
+// stream from DRAM once. cols % 8 == 0: a chunk of 8 k is entirely inside or outside the matrix
+// (int8: inside one block of scale).
+template <typename T, typename W>
+__global__ void __launch_bounds__(MM_THREADS) matmul_tc_kernel(float* out, const W* w, const __half* scales,
+                                                             const float* x, const float* bias, int n_tokens,
+                                                             int rows, int cols, int accumulate) {
     extern __shared__ uint8_t mm_smem_raw[];
     uint4* smem = reinterpret_cast<uint4*>(((uintptr_t)mm_smem_raw + 1023) & ~(uintptr_t)1023);  // swizzle atom
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
@@ -52,14 +56,37 @@ __global__ void __launch_bounds__(MM_THREADS) matmul_tc_kernel(float* out, const
             sa[swizzle(r, ch, MM_CHUNKS)] = pack8<T>(a_next[i][0], a_next[i][1]);
         }
     };
-    auto load_b = [&](int kt, int stage) {
+    uint2 b_next[MM_LOADS];  // int8: the next weight tile, 8 values per chunk, and their scales
+    float b_scale[MM_LOADS];
+    auto load_b = [&](int kt, int stage) {  // 16-bit: cp.async straight into the stage; int8: to registers
         uint4* sb = smem + stage * MM_STAGE_CHUNKS + MM_BM * MM_CHUNKS;
 #pragma unroll
         for (int i = 0; i < MM_LOADS; i++) {
             const int id = tid + i * MM_THREADS, r = id / MM_CHUNKS, ch = id % MM_CHUNKS;
             const int n = n0 + r, k = kt * MM_BK + ch * 8;
             const bool valid = n < rows && k < cols;
-            cp_async16(&sb[swizzle(r, ch, MM_CHUNKS)], valid ? w + (size_t)n * cols + k : w, valid);
+            if constexpr (is_int8<W>) {
+                const size_t at = (size_t)n * cols + k;
+                b_next[i] = valid ? __ldg(reinterpret_cast<const uint2*>(w + at)) : make_uint2(0, 0);
+                b_scale[i] = valid ? __half2float(__ldg(scales + at / Q8_BLOCK)) : 0.f;
+            } else {
+                cp_async16(&sb[swizzle(r, ch, MM_CHUNKS)], valid ? w + (size_t)n * cols + k : w, valid);
+            }
+        }
+    };
+    auto store_b = [&](int stage) {  // int8: the registers, dequantized (exact in fp32) and rounded to bf16
+        if constexpr (is_int8<W>) {
+            uint4* sb = smem + stage * MM_STAGE_CHUNKS + MM_BM * MM_CHUNKS;
+#pragma unroll
+            for (int i = 0; i < MM_LOADS; i++) {
+                const int id = tid + i * MM_THREADS, r = id / MM_CHUNKS, ch = id % MM_CHUNKS;
+                float f[8];
+                int8x4_to_float(b_next[i].x, f);
+                int8x4_to_float(b_next[i].y, f + 4);
+                const float s = b_scale[i];
+                sb[swizzle(r, ch, MM_CHUNKS)] = pack8<T>(make_float4(f[0] * s, f[1] * s, f[2] * s, f[3] * s),
+                                                         make_float4(f[4] * s, f[5] * s, f[6] * s, f[7] * s));
+            }
         }
     };
 
@@ -72,6 +99,7 @@ __global__ void __launch_bounds__(MM_THREADS) matmul_tc_kernel(float* out, const
     load_b(0, 0);
     load_a(0);
     store_a(0);
+    store_b(0);
     cp_async_commit();
     if (1 < k_tiles) {
         load_b(1, 1);
@@ -90,7 +118,10 @@ __global__ void __launch_bounds__(MM_THREADS) matmul_tc_kernel(float* out, const
             wgmma_m64n128k16<T>(acc, wgmma_desc(sa) + 2 * ks, wgmma_desc(sb) + 2 * ks);
         wgmma_commit();
         // while the tensor cores run: A of tile kt+1 into its stage, loads of tile kt+2 issued
-        if (kt + 1 < k_tiles) store_a((kt + 1) % MM_STAGES);
+        if (kt + 1 < k_tiles) {
+            store_a((kt + 1) % MM_STAGES);
+            store_b((kt + 1) % MM_STAGES);
+        }
         if (kt + 2 < k_tiles) {
             load_b(kt + 2, (kt + 2) % MM_STAGES);
             load_a(kt + 2);
@@ -145,30 +176,34 @@ __global__ void matmul_f32_kernel(float* out, const float* w, const float* x, co
     }
 }
 
-template <typename T>
-static void launch_matmul_tc(float* out, const void* w, const float* x, const float* bias, int n_tokens,
-                             int rows, int cols, int accumulate, cudaStream_t stream) {
+template <typename T, typename W>
+static void launch_matmul_tc(float* out, const void* w, const void* scales, const float* x, const float* bias,
+                             int n_tokens, int rows, int cols, int accumulate, cudaStream_t stream) {
     static bool configured = false;  // the > 48 KB shared-memory opt-in, once per instantiation
+    auto kernel = matmul_tc_kernel<T, W>;
     if (!configured) {
-        CUDA_CHECK(cudaFuncSetAttribute(matmul_tc_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)MM_SMEM));
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)MM_SMEM));
         configured = true;
     }
     const dim3 grid((n_tokens + MM_BM - 1) / MM_BM, (rows + MM_BN - 1) / MM_BN);
-    matmul_tc_kernel<T><<<grid, MM_THREADS, MM_SMEM, stream>>>(out, (const T*)w, x, bias, n_tokens, rows,
-                                                                cols, accumulate);
+    kernel<<<grid, MM_THREADS, MM_SMEM, stream>>>(out, (const W*)w, (const __half*)scales, x, bias, n_tokens, rows,
+                                                  cols, accumulate);
 }
 
-extern "C" void matmul_gpu(float* out, const void* w, int wdtype, const float* x, const float* bias,
-                           int n_tokens, int rows, int cols, int accumulate, cudaStream_t stream) {
-    if (n_tokens < 1 || rows < 8 || rows % 8 || cols < 8 || cols % 8 || !aligned16(w) || !aligned16(x)) {
-        fprintf(stderr, "error: matmul_gpu: need n_tokens >= 1, rows and cols multiples of 8, 16-byte aligned "
-                        "w and x (got %d, %d, %d)\n", n_tokens, rows, cols);
+extern "C" void matmul_gpu(float* out, const void* w, const void* scales, int wdtype, const float* x,
+                           const float* bias, int n_tokens, int rows, int cols, int accumulate, cudaStream_t stream) {
+    if (n_tokens < 1 || rows < 8 || rows % 8 || cols < 8 || cols % 8 || !aligned16(w) || !aligned16(x) ||
+        (wdtype == DT_INT8 && (cols % Q8_BLOCK || !scales))) {
+        fprintf(stderr, "error: matmul_gpu: need n_tokens >= 1, rows and cols multiples of 8 (int8: cols of %d, "
+                        "and scales), 16-byte aligned w and x (got %d, %d, %d)\n", Q8_BLOCK, n_tokens, rows, cols);
         exit(1);
     }
     if (wdtype == DT_BF16) {
-        launch_matmul_tc<__nv_bfloat16>(out, w, x, bias, n_tokens, rows, cols, accumulate, stream);
+        launch_matmul_tc<__nv_bfloat16, __nv_bfloat16>(out, w, nullptr, x, bias, n_tokens, rows, cols, accumulate, stream);
     } else if (wdtype == DT_F16) {
-        launch_matmul_tc<__half>(out, w, x, bias, n_tokens, rows, cols, accumulate, stream);
+        launch_matmul_tc<__half, __half>(out, w, nullptr, x, bias, n_tokens, rows, cols, accumulate, stream);
+    } else if (wdtype == DT_INT8) {
+        launch_matmul_tc<__nv_bfloat16, int8_t>(out, w, scales, x, bias, n_tokens, rows, cols, accumulate, stream);
     } else if (wdtype == DT_F32) {
         const dim3 grid((rows + MM_F32_TILE - 1) / MM_F32_TILE, (n_tokens + MM_F32_TILE - 1) / MM_F32_TILE);
         matmul_f32_kernel<<<grid, dim3(MM_F32_TILE, MM_F32_TILE), 0, stream>>>(out, (const float*)w, x, bias,

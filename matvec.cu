@@ -8,41 +8,44 @@
 
 constexpr int MATVEC_WARPS = 8;  // rows per block; 151936 LM-head rows -> 18992 blocks on 132 SMs
 
-// out (rows) (+)= w (rows, cols) . x (cols) + bias (rows, or NULL)
+// out (rows) (+)= w (rows, cols) . x (cols) + bias (rows, or NULL); scales (rows, cols / Q8_BLOCK): int8's
 template <typename W>
-__global__ void matvec_kernel(float* out, const W* w, const float* x, const float* bias, int rows, int cols,
-                              int accumulate, bool vec) {
+__global__ void matvec_kernel(float* out, const W* w, const __half* scales, const float* x, const float* bias,
+                              int rows, int cols, int accumulate, bool vec) {
     griddep_wait();
     const int row = blockIdx.x * MATVEC_WARPS + threadIdx.x / 32;
     if (row >= rows) return;
     const W* row_ptr[1] = {w + (size_t)row * cols};
+    const __half* row_scales[1] = {scales + (size_t)row * cols / Q8_BLOCK};
     float dot[1];
-    warp_dot_rows<W, 1>(dot, row_ptr, x, cols, vec);
+    warp_dot_rows<W, 1>(dot, row_ptr, x, cols, vec, 1, row_scales);
     if (threadIdx.x % 32 == 0) {
         const float b = bias ? bias[row] : 0.f;
         out[row] = accumulate ? out[row] + dot[0] + b : dot[0] + b;
     }
 }
 
-// h (hidden) = silu(gate . x) * (up . x); w_gate_up (2*hidden, dim): gate rows, then up rows.
-// One warp reads its gate row and its up row together.
+// h (hidden) = silu(gate . x) * (up . x); w_gate_up (2*hidden, dim): gate rows, then up rows (and
+// their scales: int8). One warp reads its gate row and its up row together.
 template <typename W>
-__global__ void swiglu_matvec_kernel(float* h, const W* w_gate_up, const float* x, int hidden, int dim, bool vec) {
+__global__ void swiglu_matvec_kernel(float* h, const W* w_gate_up, const __half* scales, const float* x, int hidden,
+                                     int dim, bool vec) {
     griddep_wait();
     const int i = blockIdx.x * MATVEC_WARPS + threadIdx.x / 32;
     if (i >= hidden) return;
     const W* row_ptr[2] = {w_gate_up + (size_t)i * dim, w_gate_up + ((size_t)hidden + i) * dim};
+    const __half* row_scales[2] = {scales + (size_t)i * dim / Q8_BLOCK, scales + ((size_t)hidden + i) * dim / Q8_BLOCK};
     float dot[2];
-    warp_dot_rows<W, 2>(dot, row_ptr, x, dim, vec);
+    warp_dot_rows<W, 2>(dot, row_ptr, x, dim, vec, 2, row_scales);
     if (threadIdx.x % 32 == 0) h[i] = dot[0] / (1.f + expf(-dot[0])) * dot[1];
 }
 
 // x (n, dim) = embedding (vocab, dim) rows tokens[0..n); grid (dim blocks, n)
 template <typename W>
-__global__ void embed_kernel(float* x, const W* embedding, const int* tokens, int dim) {
+__global__ void embed_kernel(float* x, const W* embedding, const __half* scales, const int* tokens, int dim) {
     griddep_wait();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < dim) x[(size_t)blockIdx.y * dim + i] = to_float(embedding[(size_t)tokens[blockIdx.y] * dim + i]);
+    if (i < dim) x[(size_t)blockIdx.y * dim + i] = weight_at(embedding, scales, (size_t)tokens[blockIdx.y] * dim + i);
 }
 
 // argmax in two passes (common.cuh): ARGMAX_BLOCKS block maxima into these buffers, then one block
@@ -94,54 +97,51 @@ __global__ void cross_entropy_kernel(float* nll, const float* logits, const int*
 // ---- launchers ------------------------------------------------------------------------------------
 
 static void check_wdtype(int wdtype, const char* who) {
-    if (wdtype != DT_F32 && wdtype != DT_BF16 && wdtype != DT_F16) {
+    if (wdtype != DT_F32 && wdtype != DT_BF16 && wdtype != DT_F16 && wdtype != DT_INT8) {
         fprintf(stderr, "error: %s: unknown weight dtype %d\n", who, wdtype);
         exit(1);
     }
 }
 
-template <typename W>
-static void launch_matvec(float* out, const void* w, const float* x, const float* bias, int rows, int cols,
-                          int accumulate, cudaStream_t stream) {
-    const int blocks = (rows + MATVEC_WARPS - 1) / MATVEC_WARPS, threads = 32 * MATVEC_WARPS;
+// The vector path (warp_dot_rows); int8 has no other: its rows must be whole blocks, 16-byte aligned.
+static bool vector_path(int wdtype, int cols, const void* w, const void* scales, const float* x, const char* who) {
     const bool vec = cols % 8 == 0 && aligned16(w) && aligned16(x);
-    launch_pdl(matvec_kernel<W>, blocks, threads, 0, stream, out, (const W*)w, x, bias, rows, cols, accumulate, vec);
+    if (wdtype == DT_INT8 && (!vec || cols % Q8_BLOCK || !scales)) {
+        fprintf(stderr, "error: %s: int8 weights need cols %% %d == 0 (got %d), scales, 16-byte aligned w and x\n",
+                who, Q8_BLOCK, cols);
+        exit(1);
+    }
+    return vec;
 }
 
-extern "C" void matvec_gpu(float* out, const void* w, int wdtype, const float* x, const float* bias,
-                           int rows, int cols, int accumulate, cudaStream_t stream) {
+extern "C" void matvec_gpu(float* out, const void* w, const void* scales, int wdtype, const float* x,
+                           const float* bias, int rows, int cols, int accumulate, cudaStream_t stream) {
     check_wdtype(wdtype, "matvec_gpu");
-    if (wdtype == DT_F32) launch_matvec<float>(out, w, x, bias, rows, cols, accumulate, stream);
-    else if (wdtype == DT_BF16) launch_matvec<__nv_bfloat16>(out, w, x, bias, rows, cols, accumulate, stream);
-    else launch_matvec<__half>(out, w, x, bias, rows, cols, accumulate, stream);
+    const int blocks = (rows + MATVEC_WARPS - 1) / MATVEC_WARPS, threads = 32 * MATVEC_WARPS;
+    const bool vec = vector_path(wdtype, cols, w, scales, x, "matvec_gpu");
+    DISPATCH_W(wdtype, launch_pdl(matvec_kernel<W>, blocks, threads, 0, stream, out, (const W*)w,
+                                  (const __half*)scales, x, bias, rows, cols, accumulate, vec));
 }
 
-template <typename W>
-static void launch_swiglu_matvec(float* h, const void* w_gate_up, const float* x, int hidden, int dim,
-                                 cudaStream_t stream) {
-    const int blocks = (hidden + MATVEC_WARPS - 1) / MATVEC_WARPS, threads = 32 * MATVEC_WARPS;
-    const bool vec = dim % 8 == 0 && aligned16(w_gate_up) && aligned16(x);
-    launch_pdl(swiglu_matvec_kernel<W>, blocks, threads, 0, stream, h, (const W*)w_gate_up, x, hidden, dim, vec);
-}
-
-extern "C" void swiglu_matvec_gpu(float* h, const void* w_gate_up, int wdtype, const float* x, int hidden, int dim,
-                                  cudaStream_t stream) {
+extern "C" void swiglu_matvec_gpu(float* h, const void* w_gate_up, const void* scales, int wdtype, const float* x,
+                                  int hidden, int dim, cudaStream_t stream) {
     check_wdtype(wdtype, "swiglu_matvec_gpu");
-    if (wdtype == DT_F32) launch_swiglu_matvec<float>(h, w_gate_up, x, hidden, dim, stream);
-    else if (wdtype == DT_BF16) launch_swiglu_matvec<__nv_bfloat16>(h, w_gate_up, x, hidden, dim, stream);
-    else launch_swiglu_matvec<__half>(h, w_gate_up, x, hidden, dim, stream);
+    const int blocks = (hidden + MATVEC_WARPS - 1) / MATVEC_WARPS, threads = 32 * MATVEC_WARPS;
+    const bool vec = vector_path(wdtype, dim, w_gate_up, scales, x, "swiglu_matvec_gpu");
+    DISPATCH_W(wdtype, launch_pdl(swiglu_matvec_kernel<W>, blocks, threads, 0, stream, h, (const W*)w_gate_up,
+                                  (const __half*)scales, x, hidden, dim, vec));
 }
 
-extern "C" void embed_gpu(float* x, const void* embedding, int wdtype, const int* tokens, int n, int dim,
-                          cudaStream_t stream) {
+extern "C" void embed_gpu(float* x, const void* embedding, const void* scales, int wdtype, const int* tokens, int n,
+                          int dim, cudaStream_t stream) {
     check_wdtype(wdtype, "embed_gpu");
+    if (wdtype == DT_INT8 && (dim % Q8_BLOCK || !scales)) {
+        fprintf(stderr, "error: embed_gpu: int8 weights need dim %% %d == 0 (got %d) and scales\n", Q8_BLOCK, dim);
+        exit(1);
+    }
     const dim3 grid((dim + 255) / 256, n);
-    if (wdtype == DT_F32)
-        launch_pdl(embed_kernel<float>, grid, 256, 0, stream, x, (const float*)embedding, tokens, dim);
-    else if (wdtype == DT_BF16)
-        launch_pdl(embed_kernel<__nv_bfloat16>, grid, 256, 0, stream, x, (const __nv_bfloat16*)embedding, tokens, dim);
-    else
-        launch_pdl(embed_kernel<__half>, grid, 256, 0, stream, x, (const __half*)embedding, tokens, dim);
+    DISPATCH_W(wdtype, launch_pdl(embed_kernel<W>, grid, 256, 0, stream, x, (const W*)embedding,
+                                  (const __half*)scales, tokens, dim));
     CUDA_CHECK(cudaGetLastError());
 }
 

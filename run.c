@@ -64,11 +64,12 @@ static double now_s(void) {
 // (README.md has the table). Norm weights, biases and k_scale are float32 in every file.
 
 #define MAGIC 0x334E5751u  // "QWN3"
-#define VERSION 1
+#define VERSION 2  // 2 adds int8 weights; files of the other dtypes are version 1, as before
 #define HEADER_BYTES 256
 #define ALIGN 256
-enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
-static const char* const WDTYPE_NAMES[] = {"fp32", "bf16", "fp16"};
+#define Q8_BLOCK 32  // int8 weights: one fp16 scale per 32 consecutive weights of a row (GGUF's Q8_0)
+enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2, W_INT8 = 3 };
+static const char* const WDTYPE_NAMES[] = {"fp32", "bf16", "fp16", "int8"};
 enum { FLAG_TIED = 1, FLAG_QK_NORM = 2, FLAG_QKV_BIAS = 4 };
 
 typedef struct {
@@ -82,7 +83,8 @@ typedef struct {
     uint64_t file_size;  // bytes, the header included
 } Config;
 
-// Byte offsets of each tensor in the file; 0 for a tensor the model does not have.
+// Byte offsets of each tensor in the file; 0 for a tensor the model does not have. An int8 file
+// follows each matrix with its scales: (rows, cols / Q8_BLOCK) fp16, the same leading shape.
 typedef struct {
     size_t embedding;   // (vocab_size, dim)                wdtype
     size_t rms_att;     // (n_layers, dim)                  f32
@@ -97,10 +99,11 @@ typedef struct {
     size_t w_down;      // (n_layers, dim, hidden_dim)      wdtype
     size_t rms_final;   // (dim)                            f32
     size_t lm_head;     // (vocab_size, dim)                wdtype; the embedding when tied
+    size_t embedding_scales, wqkv_scales, wo_scales, w_gate_up_scales, w_down_scales, lm_head_scales;  // int8
     size_t end;         // file size
 } Layout;
 
-static size_t wbytes(const Config* c) { return c->wdtype == W_F32 ? 4 : 2; }
+static size_t wbytes(const Config* c) { return c->wdtype == W_F32 ? 4 : c->wdtype == W_INT8 ? 1 : 2; }
 static int q_dim(const Config* c) { return c->n_heads * c->head_dim; }
 static int kv_dim(const Config* c) { return c->n_kv_heads * c->head_dim; }
 static int qkv_dim(const Config* c) { return q_dim(c) + 2 * kv_dim(c); }
@@ -111,11 +114,18 @@ static size_t place(size_t* at, size_t bytes) {  // aligned offset for the next 
     return off;
 }
 
+// A matrix of `count` weights (the stacked layers' included), then for int8 its scales
+static size_t place_matrix(size_t* at, const Config* c, size_t count, size_t* scales) {
+    size_t off = place(at, count * wbytes(c));
+    if (c->wdtype == W_INT8) *scales = place(at, count / Q8_BLOCK * 2);
+    return off;
+}
+
 static Layout layout(const Config* c) {
-    size_t L = c->n_layers, D = c->dim, H = c->hidden_dim, hd = c->head_dim, w = wbytes(c);
+    size_t L = c->n_layers, D = c->dim, H = c->hidden_dim, hd = c->head_dim;
     size_t at = HEADER_BYTES, V = c->vocab_size, qkv = qkv_dim(c);
     Layout o = {0};
-    o.embedding = place(&at, V * D * w);
+    o.embedding = place_matrix(&at, c, V * D, &o.embedding_scales);
     o.rms_att = place(&at, L * D * 4);
     o.rms_ffn = place(&at, L * D * 4);
     if (c->flags & FLAG_QK_NORM) {
@@ -124,19 +134,24 @@ static Layout layout(const Config* c) {
     }
     o.k_scale = place(&at, L * 4);
     if (c->flags & FLAG_QKV_BIAS) o.bqkv = place(&at, L * qkv * 4);
-    o.wqkv = place(&at, L * qkv * D * w);
-    o.wo = place(&at, L * D * q_dim(c) * w);
-    o.w_gate_up = place(&at, L * 2 * H * D * w);
-    o.w_down = place(&at, L * D * H * w);
+    o.wqkv = place_matrix(&at, c, L * qkv * D, &o.wqkv_scales);
+    o.wo = place_matrix(&at, c, L * D * q_dim(c), &o.wo_scales);
+    o.w_gate_up = place_matrix(&at, c, L * 2 * H * D, &o.w_gate_up_scales);
+    o.w_down = place_matrix(&at, c, L * D * H, &o.w_down_scales);
     o.rms_final = place(&at, D * 4);
-    o.lm_head = (c->flags & FLAG_TIED) ? o.embedding : place(&at, V * D * w);
+    if (c->flags & FLAG_TIED) {
+        o.lm_head = o.embedding;
+        o.lm_head_scales = o.embedding_scales;
+    } else {
+        o.lm_head = place_matrix(&at, c, V * D, &o.lm_head_scales);
+    }
     o.end = (at + ALIGN - 1) / ALIGN * ALIGN;
     return o;
 }
 
 static void check_config(const Config* c, const char* path, size_t actual_size) {
     if (c->magic != MAGIC) die("%s: not a model file (bad magic)", path);
-    if (c->version != VERSION) die("%s: unsupported version %u (expected %d)", path, c->version, VERSION);
+    if (c->version < 1 || c->version > VERSION) die("%s: unsupported version %u (expected 1 to %d)", path, c->version, VERSION);
 #define RANGE(field, lo, hi) if (c->field < (lo) || c->field > (hi)) \
         die("%s: %s = %d is out of range [%d, %d]", path, #field, (int)c->field, (int)(lo), (int)(hi))
     RANGE(dim, 1, 65536); RANGE(hidden_dim, 1, 1 << 20); RANGE(n_layers, 1, 1024);
@@ -147,7 +162,12 @@ static void check_config(const Config* c, const char* path, size_t actual_size) 
     if (c->head_dim % 2) die("%s: head_dim %d is odd", path, c->head_dim);
     if (!(c->rope_theta > 0 && c->rope_theta < 1e30f)) die("%s: rope_theta %g is out of range", path, c->rope_theta);
     if (!(c->eps > 0 && c->eps < 1)) die("%s: rms_norm_eps %g is out of range", path, c->eps);
-    if (c->wdtype > W_F16) die("%s: unknown weight dtype %u", path, c->wdtype);
+    if (c->wdtype > W_INT8) die("%s: unknown weight dtype %u", path, c->wdtype);
+    if (c->wdtype == W_INT8 && c->version < 2) die("%s: int8 weights need format version 2, the file says %u", path, c->version);
+    // int8: a row is whole blocks of Q8_BLOCK weights (rows of dim, q_dim and hidden_dim columns)
+    if (c->wdtype == W_INT8 && (c->dim % Q8_BLOCK || c->hidden_dim % Q8_BLOCK || q_dim(c) % Q8_BLOCK))
+        die("%s: int8 weights need dim, hidden_dim and n_heads * head_dim to be multiples of %d (%d, %d, %d)",
+            path, Q8_BLOCK, c->dim, c->hidden_dim, q_dim(c));
     if (c->flags & ~7u) die("%s: unknown flags 0x%x", path, c->flags);
     Layout o = layout(c);
     if (c->file_size != o.end) die("%s: header says %llu bytes but the shapes need %zu", path, (unsigned long long)c->file_size, o.end);
@@ -201,7 +221,10 @@ typedef struct {
     const void* w_down;     // (n_layers, dim, hidden_dim)
     float* rms_final;       // (dim)
     const void* lm_head;    // (vocab_size, dim)
-    float* half_to_f32;     // (65536) bf16 or fp16 bits -> float32, for 16-bit files
+    // int8: the scales of each matrix, (.., rows, cols / Q8_BLOCK) fp16 bits; NULL otherwise
+    const uint16_t *embedding_scales, *wqkv_scales, *wo_scales, *w_gate_up_scales, *w_down_scales, *lm_head_scales;
+    int wdtype;
+    float* half_to_f32;     // (65536) bf16 or fp16 bits -> float32: 16-bit weights, int8's fp16 scales
 } Weights;
 
 typedef struct {
@@ -310,10 +333,19 @@ static void init_cpu(Model* m) {
     w->w_gate_up = m->file + o->w_gate_up;
     w->w_down = m->file + o->w_down;
     w->rms_final = vector_f32(m, o->rms_final);
-    w->lm_head = (c->flags & FLAG_TIED) ? w->embedding : m->file + o->lm_head;
+    w->lm_head = m->file + o->lm_head;
+    if (c->wdtype == W_INT8) {
+        w->embedding_scales = (const uint16_t*)(m->file + o->embedding_scales);
+        w->wqkv_scales = (const uint16_t*)(m->file + o->wqkv_scales);
+        w->wo_scales = (const uint16_t*)(m->file + o->wo_scales);
+        w->w_gate_up_scales = (const uint16_t*)(m->file + o->w_gate_up_scales);
+        w->w_down_scales = (const uint16_t*)(m->file + o->w_down_scales);
+        w->lm_head_scales = (const uint16_t*)(m->file + o->lm_head_scales);
+    }
+    w->wdtype = c->wdtype;
     if (c->wdtype != W_F32) {  // every 16-bit pattern's exact float32 value
         w->half_to_f32 = xmalloc(65536 * sizeof(float), "the weight dtype table");
-        for (uint32_t h = 0; h < 65536; h++)
+        for (uint32_t h = 0; h < 65536; h++)  // int8: for the scales
             w->half_to_f32[h] = c->wdtype == W_BF16 ? bf16_to_f32((uint16_t)h) : f16_to_f32((uint16_t)h);
     }
 
@@ -341,20 +373,32 @@ static void rmsnorm(float* out, const float* x, const float* weight, int n, floa
     for (int i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
 }
 
-// Element i of a weight matrix as float32 (exact for every stored dtype)
-static inline float weight(const Weights* w, const void* mat, size_t i) {
+// Element i of a weight matrix as float32 (exact for every stored dtype: an int8 value times its
+// fp16 scale has at most 8 + 11 significant bits)
+static inline float weight(const Weights* w, const void* mat, const uint16_t* scales, size_t i) {
+    if (w->wdtype == W_INT8) return (float)((const int8_t*)mat)[i] * w->half_to_f32[scales[i / Q8_BLOCK]];
     return w->half_to_f32 ? w->half_to_f32[((const uint16_t*)mat)[i]] : ((const float*)mat)[i];
 }
 
-// out (d) = rows first_row .. first_row + d of the weight matrix mat (.., n) @ x (n); weight()'s
-// dtype test is hoisted out of the inner loop
-static void matmul(const Weights* w, float* out, const float* x, const void* mat, size_t first_row, int n, int d) {
+// out (d) = rows first_row .. first_row + d of the weight matrix mat (.., n) @ x (n) (scales: int8's);
+// weight()'s dtype test is hoisted out of the inner loop. Each product is the float32 weight times
+// x[j], summed in double in the same order for every dtype: int8 gives exactly what float32 gives
+// on the dequantized matrix.
+static void matmul(const Weights* w, float* out, const float* x, const void* mat, const uint16_t* scales,
+                   size_t first_row, int n, int d) {
     int i;
 #pragma omp parallel for private(i)
     for (i = 0; i < d; i++) {
         size_t at = (first_row + i) * n;
         double sum = 0;
-        if (w->half_to_f32) {
+        if (w->wdtype == W_INT8) {
+            const int8_t* row = (const int8_t*)mat + at;
+            const uint16_t* row_scales = scales + at / Q8_BLOCK;
+            for (int b = 0; b < n / Q8_BLOCK; b++) {
+                float scale = w->half_to_f32[row_scales[b]];
+                for (int j = b * Q8_BLOCK; j < (b + 1) * Q8_BLOCK; j++) sum += (float)row[j] * scale * x[j];
+            }
+        } else if (w->half_to_f32) {
             const uint16_t* row = (const uint16_t*)mat + at;
             for (int j = 0; j < n; j++) sum += w->half_to_f32[row[j]] * x[j];
         } else {
@@ -389,12 +433,12 @@ static float* forward_cpu(Model* m, int token, int pos) {
     int D = c->dim, H = c->hidden_dim, hd = c->head_dim, QKV = qkv_dim(c), KV = kv_dim(c);
     int group = c->n_heads / c->n_kv_heads;
     float* x = s->x;
-    for (int i = 0; i < D; i++) x[i] = weight(w, w->embedding, (size_t)token * D + i);
+    for (int i = 0; i < D; i++) x[i] = weight(w, w->embedding, w->embedding_scales, (size_t)token * D + i);
 
     for (int l = 0; l < c->n_layers; l++) {
         // q, k, v = Wqkv @ rmsnorm(x) (+ bias)
         rmsnorm(s->xb, x, w->rms_att + l * D, D, c->eps);
-        matmul(w, s->qkv, s->xb, w->wqkv, (size_t)l * QKV, D, QKV);
+        matmul(w, s->qkv, s->xb, w->wqkv, w->wqkv_scales, (size_t)l * QKV, D, QKV);
         if (w->bqkv) for (int i = 0; i < QKV; i++) s->qkv[i] += w->bqkv[(size_t)l * QKV + i];
         float *q = s->qkv, *k = q + q_dim(c), *v = k + KV;
         // per-head RMSNorm of q and k (Qwen3), then RoPE
@@ -438,18 +482,18 @@ static float* forward_cpu(Model* m, int token, int pos) {
             }
         }
         // x += Wo @ att
-        matmul(w, s->xb2, s->att, w->wo, (size_t)l * D, q_dim(c), D);
+        matmul(w, s->xb2, s->att, w->wo, w->wo_scales, (size_t)l * D, q_dim(c), D);
         for (int i = 0; i < D; i++) x[i] += s->xb2[i];
         // x += Wdown @ (silu(Wgate @ rmsnorm(x)) * (Wup @ rmsnorm(x)))
         rmsnorm(s->xb, x, w->rms_ffn + l * D, D, c->eps);
-        matmul(w, s->hb, s->xb, w->w_gate_up, (size_t)l * 2 * H, D, 2 * H);
+        matmul(w, s->hb, s->xb, w->w_gate_up, w->w_gate_up_scales, (size_t)l * 2 * H, D, 2 * H);
         for (int i = 0; i < H; i++) s->hb[i] = silu(s->hb[i]) * s->hb[H + i];
-        matmul(w, s->xb2, s->hb, w->w_down, (size_t)l * D, H, D);
+        matmul(w, s->xb2, s->hb, w->w_down, w->w_down_scales, (size_t)l * D, H, D);
         for (int i = 0; i < D; i++) x[i] += s->xb2[i];
     }
     // logits = lm_head @ rmsnorm(x)
     rmsnorm(s->xb, x, w->rms_final, D, c->eps);
-    matmul(w, s->logits, s->xb, w->lm_head, 0, D, c->vocab_size);
+    matmul(w, s->logits, s->xb, w->lm_head, w->lm_head_scales, 0, D, c->vocab_size);
     return s->logits;
 }
 #endif
@@ -559,11 +603,18 @@ static void init_gpu(Model* m, int kv_dtype, int fused) {
 typedef struct {
     const float *rms_att, *rms_ffn, *bqkv, *q_norm, *k_norm;  // bqkv, q_norm, k_norm may be NULL
     const void *wqkv, *wo, *w_gate_up, *w_down;
+    const void *wqkv_scales, *wo_scales, *w_gate_up_scales, *w_down_scales;  // int8; else NULL
     float k_scale;
     void *k_cache, *v_cache;
 } LayerGpu;
 
 static const void* on_gpu(const Model* m, size_t offset) { return offset ? m->gpu->weights + offset - HEADER_BYTES : NULL; }
+
+// int8: the scales of the weights from index `first` on of a stacked matrix (2 bytes per Q8_BLOCK
+// weights); NULL for the other dtypes
+static const void* layer_scales(const Model* m, size_t offset, size_t first) {
+    return offset ? (const uint8_t*)on_gpu(m, offset) + first / Q8_BLOCK * 2 : NULL;
+}
 
 static LayerGpu layer_gpu(const Model* m, int l) {
     const Config* c = &m->config;
@@ -580,6 +631,10 @@ static LayerGpu layer_gpu(const Model* m, int l) {
     w.wo = (const uint8_t*)on_gpu(m, o->wo) + l * D * q_dim(c) * wb;
     w.w_gate_up = (const uint8_t*)on_gpu(m, o->w_gate_up) + l * 2 * H * D * wb;
     w.w_down = (const uint8_t*)on_gpu(m, o->w_down) + l * D * H * wb;
+    w.wqkv_scales = layer_scales(m, o->wqkv_scales, l * QKV * D);
+    w.wo_scales = layer_scales(m, o->wo_scales, l * D * q_dim(c));
+    w.w_gate_up_scales = layer_scales(m, o->w_gate_up_scales, l * 2 * H * D);
+    w.w_down_scales = layer_scales(m, o->w_down_scales, l * D * H);
     w.k_scale = m->use_k_scale ? ((const float*)(m->file + o->k_scale))[l] : 1.0f;
     w.k_cache = (uint8_t*)m->gpu->key_cache + cache;
     w.v_cache = (uint8_t*)m->gpu->value_cache + cache;
@@ -596,7 +651,9 @@ static void init_decode(Model* m) {
         on_gpu(m, o->embedding), on_gpu(m, o->rms_att), on_gpu(m, o->rms_ffn), on_gpu(m, o->q_norm),
         on_gpu(m, o->k_norm), m->use_k_scale ? on_gpu(m, o->k_scale) : NULL, on_gpu(m, o->bqkv), on_gpu(m, o->wqkv),
         on_gpu(m, o->wo), on_gpu(m, o->w_gate_up), on_gpu(m, o->w_down), on_gpu(m, o->rms_final),
-        on_gpu(m, o->lm_head), g->key_cache, g->value_cache, g->x, g->qkv, g->att, g->hb, g->logits, g->scratch,
+        on_gpu(m, o->lm_head), on_gpu(m, o->embedding_scales), on_gpu(m, o->wqkv_scales), on_gpu(m, o->wo_scales),
+        on_gpu(m, o->w_gate_up_scales), on_gpu(m, o->w_down_scales), on_gpu(m, o->lm_head_scales),
+        g->key_cache, g->value_cache, g->x, g->qkv, g->att, g->hb, g->logits, g->scratch,
         NULL, g->io, c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size,
         m->seq_len, c->wdtype, g->kv_dtype, c->rope_theta, c->eps};
     if (decode_step_stage_bytes(&g->decode) == 0) {
@@ -635,26 +692,27 @@ static void enqueue_step(Model* m) {
     int D = c->dim, H = c->hidden_dim, hd = c->head_dim, QKV = qkv_dim(c), wt = c->wdtype;
     const int* pos = g->io + 1;
     CUDA_CHECK(cudaMemcpyAsync(g->io, g->host_io, 2 * sizeof(int), cudaMemcpyHostToDevice, st));
-    embed_gpu(g->x, on_gpu(m, m->at.embedding), wt, g->io, 1, D, st);
+    embed_gpu(g->x, on_gpu(m, m->at.embedding), on_gpu(m, m->at.embedding_scales), wt, g->io, 1, D, st);
     for (int l = 0; l < c->n_layers; l++) {
         LayerGpu w = layer_gpu(m, l);
         // x += o_proj(attention(rope(qk_norm(qkv(rmsnorm(x))))))
         float *q = g->qkv, *k = q + q_dim(c), *v = k + kv_dim(c);
         rmsnorm_gpu(g->xb, g->x, w.rms_att, 1, D, c->eps, st);
-        matvec_gpu(g->qkv, w.wqkv, wt, g->xb, w.bqkv, QKV, D, 0, st);
+        matvec_gpu(g->qkv, w.wqkv, w.wqkv_scales, wt, g->xb, w.bqkv, QKV, D, 0, st);
         qk_norm_rope_gpu(q, k, v, w.q_norm, w.k_norm, w.k_scale, w.k_cache, w.v_cache, g->kv_dtype, pos,
                          c->n_heads, c->n_kv_heads, hd, c->rope_theta, c->eps, st);
         attention_gpu(g->att, q, w.k_cache, w.v_cache, g->kv_dtype, pos, c->n_heads, c->n_kv_heads, hd,
                       m->seq_len, w.k_scale / sqrtf((float)hd), g->scratch, st);
-        matvec_gpu(g->x, w.wo, wt, g->att, NULL, D, q_dim(c), 1, st);
+        matvec_gpu(g->x, w.wo, w.wo_scales, wt, g->att, NULL, D, q_dim(c), 1, st);
         // x += Wdown @ (silu(Wgate @ rmsnorm(x)) * (Wup @ rmsnorm(x)))
         rmsnorm_gpu(g->xb, g->x, w.rms_ffn, 1, D, c->eps, st);
-        swiglu_matvec_gpu(g->hb, w.w_gate_up, wt, g->xb, H, D, st);
-        matvec_gpu(g->x, w.w_down, wt, g->hb, NULL, D, H, 1, st);
+        swiglu_matvec_gpu(g->hb, w.w_gate_up, w.w_gate_up_scales, wt, g->xb, H, D, st);
+        matvec_gpu(g->x, w.w_down, w.w_down_scales, wt, g->hb, NULL, D, H, 1, st);
     }
     // logits = lm_head @ rmsnorm(x), and their argmax
     rmsnorm_gpu(g->xb, g->x, on_gpu(m, m->at.rms_final), 1, D, c->eps, st);
-    matvec_gpu(g->logits, on_gpu(m, m->at.lm_head), wt, g->xb, NULL, c->vocab_size, D, 0, st);
+    matvec_gpu(g->logits, on_gpu(m, m->at.lm_head), on_gpu(m, m->at.lm_head_scales), wt, g->xb, NULL, c->vocab_size,
+               D, 0, st);
     argmax_gpu(g->io + 2, g->logits, c->vocab_size, st);
     CUDA_CHECK(cudaMemcpyAsync(g->host_io + 2, g->io + 2, sizeof(int), cudaMemcpyDeviceToHost, st));
 }
@@ -715,37 +773,37 @@ static double forward_batch_gpu(Model* m, const int* ids, int n, int pos, float*
     cudaStream_t st = g->stream;
     int D = c->dim, H = c->hidden_dim, hd = c->head_dim, QKV = qkv_dim(c), V = c->vocab_size, wt = c->wdtype;
     int chunk = g->chunk;
-    const void* lm_head = on_gpu(m, m->at.lm_head);
+    const void *lm_head = on_gpu(m, m->at.lm_head), *lm_head_scales = on_gpu(m, m->at.lm_head_scales);
     g->ahead_pos = -1;  // a decode step enqueued ahead is superseded: its cache row is rewritten here
     CUDA_CHECK(cudaMemcpyAsync(g->bids, ids, n * sizeof(int), cudaMemcpyHostToDevice, st));
     if (targets) CUDA_CHECK(cudaMemcpyAsync(g->bids + chunk, targets, n * sizeof(int), cudaMemcpyHostToDevice, st));
-    embed_gpu(g->bx, on_gpu(m, m->at.embedding), wt, g->bids, n, D, st);
+    embed_gpu(g->bx, on_gpu(m, m->at.embedding), on_gpu(m, m->at.embedding_scales), wt, g->bids, n, D, st);
     for (int l = 0; l < c->n_layers; l++) {
         LayerGpu w = layer_gpu(m, l);
         // x += o_proj(attention(rope(qk_norm(qkv(rmsnorm(x))))))
         rmsnorm_gpu(g->bxb, g->bx, w.rms_att, n, D, c->eps, st);
-        matmul_gpu(g->bqkv, w.wqkv, wt, g->bxb, w.bqkv, n, QKV, D, 0, st);
+        matmul_gpu(g->bqkv, w.wqkv, w.wqkv_scales, wt, g->bxb, w.bqkv, n, QKV, D, 0, st);
         qk_norm_rope_batch_gpu(g->bqkv, w.q_norm, w.k_norm, w.k_scale, w.k_cache, w.v_cache, g->kv_dtype,
                                pos, n, c->n_heads, c->n_kv_heads, hd, c->rope_theta, c->eps, st);
         attention_prefill_gpu(g->batt, g->bqkv, w.k_cache, w.v_cache, g->kv_dtype, pos, n, c->n_heads,
                               c->n_kv_heads, hd, w.k_scale / sqrtf((float)hd), st);
-        matmul_gpu(g->bx, w.wo, wt, g->batt, NULL, n, D, q_dim(c), 1, st);
+        matmul_gpu(g->bx, w.wo, w.wo_scales, wt, g->batt, NULL, n, D, q_dim(c), 1, st);
         // x += Wdown @ (silu(Wgate @ rmsnorm(x)) * (Wup @ rmsnorm(x)))
         rmsnorm_gpu(g->bxb, g->bx, w.rms_ffn, n, D, c->eps, st);
-        matmul_gpu(g->bgate_up, w.w_gate_up, wt, g->bxb, NULL, n, 2 * H, D, 0, st);
+        matmul_gpu(g->bgate_up, w.w_gate_up, w.w_gate_up_scales, wt, g->bxb, NULL, n, 2 * H, D, 0, st);
         swiglu_gpu(g->bh, g->bgate_up, n, H, st);
-        matmul_gpu(g->bx, w.w_down, wt, g->bh, NULL, n, D, H, 1, st);
+        matmul_gpu(g->bx, w.w_down, w.w_down_scales, wt, g->bh, NULL, n, D, H, 1, st);
     }
     rmsnorm_gpu(g->bxb, g->bx, on_gpu(m, m->at.rms_final), n, D, c->eps, st);
     for (int t = 0; (all_logits || targets) && t < n; t += LM_CHUNK) {  // logits of every position
         int k = n - t < LM_CHUNK ? n - t : LM_CHUNK;
-        matmul_gpu(g->blogits, lm_head, wt, g->bxb + (size_t)t * D, NULL, k, V, D, 0, st);
+        matmul_gpu(g->blogits, lm_head, lm_head_scales, wt, g->bxb + (size_t)t * D, NULL, k, V, D, 0, st);
         if (targets) cross_entropy_gpu(g->bnll + t, g->blogits, g->bids + chunk + t, k, V, st);
         if (all_logits)
             CUDA_CHECK(cudaMemcpyAsync(all_logits + (size_t)t * V, g->blogits, (size_t)k * V * 4, cudaMemcpyDeviceToHost, st));
     }
     // the last position's logits and argmax, as a decode step leaves them
-    matvec_gpu(g->logits, lm_head, wt, g->bxb + (size_t)(n - 1) * D, NULL, V, D, 0, st);
+    matvec_gpu(g->logits, lm_head, lm_head_scales, wt, g->bxb + (size_t)(n - 1) * D, NULL, V, D, 0, st);
     argmax_gpu(g->io + 2, g->logits, V, st);
     CUDA_CHECK(cudaMemcpyAsync(g->host_io + 2, g->io + 2, sizeof(int), cudaMemcpyDeviceToHost, st));
     float* nll = targets ? xmalloc(n * sizeof(float), "losses") : NULL;

@@ -93,12 +93,14 @@ for s in $steps; do
     parity) step parity '^parity: ' python3 tests/gpu_parity.py "$WORK" "$text" "$tokenizer" ;;
     sanitizer)
         # a 12-token prefill, then decode: the tiny GQA fixture (head_dim 32, the CUDA-core prefill
-        # attention) and the demo (head_dim 64, the tensor-core flash attention of prefill), each
-        # with the persistent decode kernel (-a 1) and the chain (-a 0)
+        # attention) and the demo (head_dim 64, the tensor-core flash attention of prefill; demo8: its
+        # int8 export), each with the persistent decode kernel (-a 1) and the chain (-a 0).
+        # SANITIZE=... picks some of them.
         python3 export.py tests/fixtures/qwen3_gqa2_bf16 "$WORK/tiny.bin" >/dev/null 2>&1
         python3 export.py demo "$WORK/demo.bin" >/dev/null 2>&1
+        python3 export.py demo "$WORK/demo8.bin" --dtype int8 >/dev/null 2>&1
         echo "1 2 3 4 5 6 7 8 9 10 11 12" >"$WORK/ids.txt"
-        for run in tiny-a1 tiny-a0 demo-a1 demo-a0; do
+        for run in ${SANITIZE:-tiny-a1 tiny-a0 demo-a1 demo-a0 demo8-a1 demo8-a0}; do
             model=${run%-a*} fused=${run#*-a}
             step "memcheck-$run" 'ERROR SUMMARY' compute-sanitizer --tool memcheck --error-exitcode 9 \
                 ./run "$WORK/$model.bin" -m logits -f "$WORK/ids.txt" -n 20 -a "$fused"

@@ -7,15 +7,18 @@ Prints one table last; writes WORKDIR/bench.json.
   (written straight from README's format, random bf16 weights: speed does not depend on the values;
   one at a time, deleted after use), 128 greedy tokens after a prompt of 128 tokens, the persistent
   kernel (-a 1) and the chain (-a 0) in the same run; the 0.6B shape also at contexts 1024, 4096
-  and 32768, and with fp16 weights.
+  and 32768, and with fp16 weights; the 0.6B and 8B shapes also with int8 (Q8_0) weights (format
+  version 2: random int8 values and fp16 scales of weights ~N(0, 0.02^2)), with their speed over
+  bf16's on the same path and shape.
 - the rest (without `decode`): prefill, perplexity mode, load time and memory on WORKDIR/qwen3-0.6b
   (the seeded random Qwen3-0.6B-config model that gpu_parity.py saves; built if absent), and Hugging
   Face transformers on the same weights.
 - --against BIN: only decode of the 0.6B shape, ./run against another build, alternating.
 
-Floor of a decode step: every weight byte the step reads once (all matrices; of the embedding one
-row, unless it is tied to the LM head) plus the K/V bytes of the context, over the measured
-device-to-device copy bandwidth.
+Floor of a decode step: every weight byte the step reads once (all matrices, int8's scales included;
+of the embedding one row, unless it is tied to the LM head) plus the K/V bytes of the context, over
+the measured device-to-device copy bandwidth. A run that fails is a FAILED row (the others still
+run) and makes the exit status 1.
 """
 import json
 import os
@@ -36,8 +39,9 @@ work, text_file, tok_dir = sys.argv[1:4]
 against = sys.argv[sys.argv.index("--against") + 1] if "--against" in sys.argv else None
 decode_only = "decode" in sys.argv[4:]
 torch.set_grad_enabled(False)
-rows = []
+rows, failed = [], []
 HEAD_DIM, VOCAB = 128, 151936
+WNAME = {1: "bf16", 2: "fp16", 3: "int8"}
 SHAPES = {  # name: n_layers, dim, hidden_dim, n_heads, n_kv_heads, tied embedding (Qwen3's configs)
     "0.6B": (28, 1024, 3072, 16, 8, True),
     "1.7B": (28, 2048, 6144, 16, 8, True),
@@ -49,27 +53,37 @@ SHAPES = {  # name: n_layers, dim, hidden_dim, n_heads, n_kv_heads, tied embeddi
 
 def synthetic(path, shape, wdtype=1):
     """A checkpoint of a Qwen3 shape (README's layout), matrices random N(0, 0.02^2) in bf16 (1) or fp16
-    (2), one 32 MB block of them repeated; norms and k_scale 1. Returns (bytes a decode step reads
-    besides the cache, K/V bytes per token of context)."""
+    (2), one 32 MB block of them repeated; or int8 (3, version 2): those values' Q8_0 (int8 values and one
+    fp16 scale per 32, ~0.02 x 2.35 / 127), the 16 MB of values and 1 MB of scales repeated; norms and
+    k_scale 1. Returns (bytes a decode step reads besides the cache: every tensor's but an untied
+    embedding's, K/V bytes per token of context)."""
     L, D, H, nh, nkv, tied = SHAPES[shape]
-    h = dict(magic=0x334E5751, version=1, dim=D, hidden_dim=H, n_layers=L, n_heads=nh, n_kv_heads=nkv,
-             head_dim=HEAD_DIM, vocab_size=VOCAB, max_seq_len=40960, rope_theta=1e6, eps=1e-6, wdtype=wdtype,
-             flags=(1 if tied else 0) | 2)
+    h = dict(magic=0x334E5751, version=2 if wdtype == 3 else 1, dim=D, hidden_dim=H, n_layers=L, n_heads=nh,
+             n_kv_heads=nkv, head_dim=HEAD_DIM, vocab_size=VOCAB, max_seq_len=40960, rope_theta=1e6, eps=1e-6,
+             wdtype=wdtype, flags=(1 if tied else 0) | 2)
     layout, h["file_size"] = tensor_layout(h)
     values = np.random.default_rng(0).standard_normal(1 << 24, dtype=np.float32) * 0.02
-    block = (values.view(np.uint32) >> 16).astype(np.uint16) if wdtype == 1 else values.astype(np.float16)
+    scales = None
+    if wdtype == 3:  # Q8_0 of the values (round half to even here: the speed does not depend on it)
+        blocks = values.reshape(-1, 32)
+        d = np.abs(blocks).max(axis=1) / np.float32(127)
+        block, scales = np.rint(blocks / d[:, None]).astype(np.int8).ravel(), d.astype(np.float16)
+    else:
+        block = (values.view(np.uint32) >> 16).astype(np.uint16) if wdtype == 1 else values.astype(np.float16)
+    read = 0
     with open(path, "wb") as f:
         f.write(HEADER.pack(*(h[k] for k in HEADER_FIELDS)))
         for name, at, shape_, dtype in layout:
             f.seek(at)
             n = int(np.prod(shape_))
+            read += 0 if name.startswith("embedding") and not tied else n * np.dtype(dtype).itemsize
             if np.dtype(dtype) == np.float32:  # norms, k_scale
                 f.write(np.ones(n, np.float32).tobytes())
                 continue
-            for i in range(0, n, len(block)):
-                f.write(block[:min(len(block), n - i)].tobytes())
+            src = scales if name.endswith("_scales") else block
+            for i in range(0, n, len(src)):
+                f.write(src[:min(len(src), n - i)].tobytes())
         f.truncate(h["file_size"])
-    read = h["file_size"] - 256 - (0 if tied else VOCAB * D * 2)
     return read, L * 2 * nkv * HEAD_DIM * 2
 
 
@@ -112,20 +126,38 @@ def decode_tps(binary, checkpoint, prompt, fused=1, context=8192):
 
 
 def decode_table(bw, prompt_of):
-    """Every shape at context 128, both paths; the 0.6B shape at longer contexts and in fp16."""
-    runs = [("0.6B", 1, (128, 1024, 4096, 32768)), ("0.6B", 2, (128,))] + [(s, 1, (128,)) for s in list(SHAPES)[1:]]
+    """Every shape at context 128, both paths; the 0.6B shape at longer contexts, in fp16 and in int8; the 8B
+    shape in int8 (each int8 run right after the bf16 one of its shape, and its speed over bf16's)."""
+    runs = [("0.6B", 1, (128, 1024, 4096, 32768)), ("0.6B", 2, (128,)), ("0.6B", 3, (128,))]
+    for s in list(SHAPES)[1:]:
+        runs += [(s, 1, (128,))] + ([(s, 3, (128,))] if s == "8B" else [])
+    measured = {}  # (shape, wdtype, context): ({fused: tok/s}, floor)
     for shape, wdtype, contexts in runs:
         checkpoint = os.path.join(work, f"synthetic-{shape}.bin")
-        read, kv_per_token = synthetic(checkpoint, shape, wdtype)
-        for ctx in contexts:
-            floor = bw / (read + kv_per_token * (ctx + 64))  # tok/s if a step only moved its bytes
-            tps = {fused: decode_tps("./run", checkpoint, prompt_of(ctx), fused, ctx + 256)[0] for fused in (1, 0)}
-            for fused in (1, 0):
-                rows.append((f"{shape} {'bf16' if wdtype == 1 else 'fp16'}, context {ctx}, "
-                             + ("persistent kernel" if fused else "chain of kernels"),
-                             f"{tps[fused]:.0f}", f"floor {floor:.0f}", f"{tps[fused] / floor:.0%}"))
-            rows.append((f"  persistent / chain", f"{tps[1] / tps[0]:.2f}x", "", ""))
-        os.remove(checkpoint)
+        try:
+            read, kv_per_token = synthetic(checkpoint, shape, wdtype)
+            for ctx in contexts:
+                floor = bw / (read + kv_per_token * (ctx + 64))  # tok/s if a step only moved its bytes
+                tps = {fused: decode_tps("./run", checkpoint, prompt_of(ctx), fused, ctx + 256)[0] for fused in (1, 0)}
+                measured[shape, wdtype, ctx] = tps, floor
+                for fused in (1, 0):
+                    rows.append((f"{shape} {WNAME[wdtype]}, context {ctx}, "
+                                 + ("persistent kernel" if fused else "chain of kernels"),
+                                 f"{tps[fused]:.0f}", f"floor {floor:.0f}", f"{tps[fused] / floor:.0%}"))
+                rows.append((f"  persistent / chain", f"{tps[1] / tps[0]:.2f}x", "", ""))
+                if wdtype == 3 and (shape, 1, ctx) in measured:
+                    base, base_floor = measured[shape, 1, ctx]
+                    rows.append((f"  int8 / bf16 ({shape}, context {ctx}, same path)",
+                                 f"persistent {tps[1] / base[1]:.2f}x", f"chain {tps[0] / base[0]:.2f}x",
+                                 f"floors {floor / base_floor:.2f}x"))
+        except Exception as e:  # noqa: BLE001 (a failed run is a row; the others still run)
+            last = str(e).strip().splitlines()[-1][:100] if str(e).strip() else ""
+            print(f"{shape} {WNAME[wdtype]} failed: {e}", file=sys.stderr)
+            rows.append((f"{shape} {WNAME[wdtype]}: FAILED", type(e).__name__, last, ""))
+            failed.append(f"{shape} {WNAME[wdtype]}")
+        finally:
+            if os.path.exists(checkpoint):
+                os.remove(checkpoint)
 
 
 def main():
@@ -217,3 +249,4 @@ def print_table(gpu):
 
 
 main()
+sys.exit(1 if failed else 0)

@@ -80,6 +80,42 @@ square of the reference logits at that position.
    products, and the scores, exceed 100, which multiplies the q/K term by as much: those models are
    held to the HF yardstick of part 2 instead, and part 4 runs on the demo, the Qwen2 fixture,
    qwen2.5-0.5b-4l and qwen3-0.6b-4l-plain (head_dim 64, 16, 64 and 128).
+
+5. int8 (Q8_0) weights (issue 10: int8 values, one fp16 scale per 32 weights of a row): the fixtures
+   whose shapes allow int8 (dim, hidden_dim, n_heads x head_dim multiples of 32: all but the Qwen2 and
+   full-vocabulary ones), the demo, qwen3-0.6b, qwen3-4b-4l and qwen2.5-0.5b-4l, exported with
+   `--dtype int8`, run with a bf16 KV cache by both decode paths. q8_0() below is the spec's
+   quantization written out in torch.
+   - The file: every int8 value and fp16 scale equal, bit for bit, to q8_0 of HF's float32 weights
+     (read by tests/test_model.py's layout; header version 2, wdtype 3).
+   - Against HF float32 on the dequantized weights (every matrix replaced by float32(q) x
+     float32(scale), exact in float32: the weights the int8 kernels multiply by). What is left is the
+     bf16 rows' error: the bf16 KV cache, and in prefill x and the dequantized weights rounded to bf16
+     for the tensor cores. So the bf16 rows' bounds, max(base bf16, HF's own bf16 error on the
+     dequantized weights): prefill logits, decode logits while the greedy tokens equal HF's, greedy
+     tokens up to a difference at a step whose HF gap is under 6 x bound x rms, top-1 where HF's gap
+     exceeds that. ./runcpu on the int8 file (float32 weights, double sums) against the same HF within
+     CPU_TOL (fixtures, demo, qwen2.5-0.5b-4l): it checks the reference as much as runcpu.
+   - Reported, not asserted: the error against HF float32 on the unquantized weights, the
+     quantization's own share (HF dequantized against HF unquantized) and its estimate. Q8_0 moves
+     each weight by at most half its block's step d = amax / 127, uniformly: rms d / sqrt(12). For
+     Gaussian weights rms(amax of 32) = 2.39 sigma, so the relative weight error is eps = 2.39 / (127
+     sqrt(12)) = 5.4e-3 (bf16's rounding: 1.7e-3); the table uses eps measured on the model's own
+     matrices. As in part 4, each product moves its output by eps relative, independently; the four
+     products of a layer (qkv, o, gate/up, down) feed the residual stream, RMSNorm keeps relative
+     errors, and the embedding and LM head add one each: the logits' relative error is about
+     eps sqrt(4 L + 2) (5.8e-2 for 28 layers, 2.3e-2 for 4, 2.5e-2 for the demo's 5).
+   - qwen3-0.6b, ./run int8 against ./run bf16 (bf16 KV, each path): top-1 on the fed ids, and the
+     greedy tokens, equal wherever bf16's top-2 gap is clear: larger than 6 sigma, sigma the rms over
+     the vocabulary of the int8 - bf16 logit difference measured at that position (both runs saw the
+     same tokens up to there). Swapping the top two needs e_2 - e_1 > gap; for independent errors of
+     rms sigma that difference has std sqrt(2) sigma, so 6 sigma is 4.2 std: ~1e-5 per position.
+   - The demo's perplexity of the validation split (ppl mode, bf16 KV): within PPL_TOL of HF float32
+     on the weights ppl mode's prefill multiplies by (the dequantized weights rounded to bf16; the
+     embedding too, which ppl mode reads exactly: a second-order change), and within 1% of the bf16
+     export's (the price of int8 on a trained model); HF's float32 perplexity on the dequantized and
+     on the unquantized weights reported.
+   - Generate mode equal to logits mode (as part 3's): the demo and qwen3-0.6b in int8.
 """
 import json
 import math
@@ -101,7 +137,7 @@ FIXTURES = os.path.join(HERE, "fixtures")
 DEMO = os.path.join(ROOT, "demo")
 DEMO_REF = os.path.join(FIXTURES, "demo_ref")
 sys.path[:0] = [HERE, DEMO]
-from gen_fixtures import randomize  # noqa: E402
+from gen_fixtures import nll_windows, randomize  # noqa: E402
 from text import split as demo_split  # noqa: E402  (demo/text.py: the demo's training / validation cut)
 
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -132,6 +168,9 @@ RUNS = [("bf16", "bf16", 1), ("bf16", "bf16", 0), ("fp16", "fp16", 1), ("fp16", 
 MODEL_RUNS = {"stress": [("fp16", "fp16", 1)], "qwen3-0.6b-4l-plain": []}
 TIGHT_MODELS = {"qwen2.5-0.5b-4l", "qwen3-0.6b-4l-plain"}  # no k_norm outliers (Qwen2 has no k_norm; part 4)
 TIGHT_FIXTURES = {"qwen2_gqa7_bias_fp32"}                   # the others carry k_norm outliers
+INT8_MODELS = {"qwen3-0.6b", "qwen3-4b-4l", "qwen2.5-0.5b-4l"}  # part 5's random models
+INT8_CPU = {"qwen2.5-0.5b-4l"}  # ./runcpu on int8 too (and the fixtures and the demo); the others are slow on the CPU
+INT8_PPL_TOL = 1e-2             # part 5: the demo's int8 perplexity against its bf16 export's, relative
 work = None  # WORKDIR, set by main()
 rows, failures = [], []
 
@@ -259,7 +298,7 @@ def hf_logits(model, ids):
     return model(torch.tensor([ids]).cuda()).logits[0].float().cpu().numpy()
 
 
-def lookahead(name, checkpoint, prompt_text, tokenizer, steps, context):
+def lookahead(name, checkpoint, prompt_text, tokenizer, steps, context, weights="bf16 w"):
     """Generate mode's greedy tokens (each step enqueued ahead, fed by the GPU's argmax) against logits
     mode's (fed by the host) on the prompt ids generate mode reports: equal, up to generate's stop."""
     r = subprocess.run(["./run", checkpoint, "-z", tokenizer, "-i", prompt_text, "-t", "0", "-n", str(steps),
@@ -270,7 +309,7 @@ def lookahead(name, checkpoint, prompt_text, tokenizer, steps, context):
     prompt_ids, generated = found["prompt"], found.get("generated", [])
     host_fed = logits_run("./run", checkpoint, prompt_ids, steps, context, "bf16", 1)[1]
     ok = len(generated) > 0 and generated == host_fed[:len(generated)]
-    add_row(name, "bf16 w, bf16 KV, fused, generate mode: steps enqueued ahead",
+    add_row(name, f"{weights}, bf16 KV, fused, generate mode: steps enqueued ahead",
             f"{len(generated)} tokens vs logits mode", "-",
             f"{first_difference(generated, host_fed)}/{len(generated)} equal", ok)
 
@@ -365,6 +404,8 @@ def fixtures(tok, text):
             guarded(name, "ppl", lambda: ppl_check(name, checkpoint, meta, tok, text))
         if os.path.exists(os.path.join(folder, "ref_logits.npy")):
             guarded(name, "logits", lambda: fixture_logits(name, folder, checkpoint, meta))
+            if int8_shape(json.load(open(os.path.join(folder, "config.json")))):
+                guarded(name, "int8", lambda: fixture_int8(name, folder, meta))
 
 
 def fixture_logits(name, folder, checkpoint, meta):
@@ -454,6 +495,7 @@ def demo(text):
             add_row("demo", f"{wdtype} w, {kv} KV: ppl of the validation split, ctx {ctx}",
                     f"ppl {math.exp(nll):.4f} vs HF fp32 {hf_ppl:.4f}: {rel:.1e} <= {PPL_TOL:.0e}", "-",
                     f"{tokens} tokens (HF {ref['ppl_scored']})", rel <= PPL_TOL and tokens == ref["ppl_scored"])
+    guarded("demo", "int8", lambda: demo_int8(ref, ref_logits, val, val_path, hf_ppl))
     demo_tok = Tokenizer.from_file(os.path.join(DEMO, "tokenizer.json"))
     lookahead("demo", os.path.join(work, "demo.bf16.bin"), demo_tok.decode(prompt), os.path.join(DEMO, "tokenizer.bin"),
               len(hf_greedy), ctx)
@@ -533,6 +575,243 @@ def random_model(name, seed, ids, prompt, text_path, tok):
         config = MODELS[name][1].to_dict()
         tight(name, export(path, os.path.join(work, f"{name}.fp32.bin"), "fp32"), ids, ref,
               config["num_hidden_layers"], head_dim_of(config))
+    if name in INT8_MODELS:
+        guarded(name, "int8", lambda: random_int8(name, path, ids, prompt, ref, tok))
+
+
+# ---- part 5: int8 weights -------------------------------------------------------------------------
+
+def int8_shape(config):
+    """Whether a config.json dict's shape allows int8 weights: dim, hidden_dim, n_heads x head_dim multiples of 32."""
+    return all(n % 32 == 0 for n in (config["hidden_size"], config["intermediate_size"],
+                                     config["num_attention_heads"] * head_dim_of(config)))
+
+
+def q8_0(w):
+    """Issue 10's Q8_0 (ggml's quantize_row_q8_0_ref) of a matrix (rows, cols), cols % 32 == 0: per block of 32
+    consecutive weights of a row, in float32 from w's values as float32, d = amax / 127, id = 1 / d (0 if
+    d == 0), q = x * id rounded half away from zero, scale = fp16(d) (to nearest even). Each float32 step is
+    done in float64 and rounded to float32 once, which is the float32 result (float64 carries more than
+    2 x 24 + 2 bits: the double rounding is innocuous); q's rounding acts on float32 values held exactly.
+    Returns (q int8 (rows, cols), scales fp16 (rows, cols / 32)), on w's device."""
+    if w.shape[0] > 8192:  # bounded float64 temporaries
+        parts = [q8_0(c) for c in w.split(8192)]
+        return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
+    x = w.float().reshape(w.shape[0], -1, 32).double()
+    d = (x.abs().amax(-1) / 127).float()
+    inv = torch.where(d != 0, 1 / d.double(), torch.zeros_like(d, dtype=torch.float64)).float()
+    y = (x * inv.double()[..., None]).float().double()
+    t = y.trunc()
+    q = torch.where((y - t).abs() >= 0.5, t + y.sign(), t)
+    return q.to(torch.int8).reshape(w.shape), d.half()
+
+
+def dequantize_(model):
+    """Replaces every matrix of the HF model (its 2-D parameters: the embedding, the projections, an untied
+    lm_head; a tied lm_head is the embedding's parameter, done once) in place by its Q8_0 values
+    dequantized, float32(q) x float32(scale). Returns ({parameter name: (q, scales)}, the relative weight
+    error ||dequantized - w|| / ||w|| over all of them)."""
+    quant, err2, norm2 = {}, 0.0, 0.0
+    for name, p in model.named_parameters():
+        if p.dim() != 2:
+            continue
+        q, sc = q8_0(p.data)
+        deq = (q.float().reshape(q.shape[0], -1, 32) * sc.float()[..., None]).reshape(q.shape)
+        err2 += float((deq - p.data).double().pow(2).sum())
+        norm2 += float(p.data.double().pow(2).sum())
+        p.data.copy_(deq)
+        quant[name] = (q, sc)
+    return quant, math.sqrt(err2 / norm2)
+
+
+def int8_export_check(name, checkpoint, quant, n_layers):
+    """The int8 file's values and scales, bit for bit, against quant (q8_0 of HF's float32 weights, by
+    parameter name), the file read by tests/test_model.py's checkpoint() (README's layout)."""
+    from test_model import checkpoint as read_checkpoint  # noqa: E402 (here: it imports harness, which clears tests/tmp)
+    h, t, _ = read_checkpoint(checkpoint)
+
+    def stacked(*keys):  # the file's stacked (layers, rows, cols) matrix and its scales: HF's rows concatenated
+        return tuple(torch.stack([torch.cat([quant[f"model.layers.{l}.{k}.weight"][i] for k in keys])
+                                  for l in range(n_layers)]) for i in (0, 1))
+    want = {"embedding": quant["model.embed_tokens.weight"],
+            "wqkv": stacked("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "wo": stacked("self_attn.o_proj"), "w_gate_up": stacked("mlp.gate_proj", "mlp.up_proj"),
+            "w_down": stacked("mlp.down_proj")}
+    if "lm_head.weight" in quant:  # untied
+        want["lm_head"] = quant["lm_head.weight"]
+    bad, total = [], 0
+    for key, (q, sc) in want.items():
+        fq, fs = t.get(key), t.get(key + "_scales")
+        if fq is None or fs is None or fq.dtype != np.int8 or fs.dtype != np.float16 or fq.size != q.numel() \
+                or fs.size != sc.numel():
+            bad.append(f"{key}: missing, or not int8 + fp16 scales of its size")
+            continue
+        nq = int(np.count_nonzero(fq.reshape(-1) != q.cpu().numpy().reshape(-1)))
+        ns = int(np.count_nonzero(fs.reshape(-1).view(np.uint16) != sc.cpu().numpy().reshape(-1).view(np.uint16)))
+        total += q.numel() + sc.numel()
+        if nq or ns:
+            bad.append(f"{key}: {nq} values, {ns} scales differ")
+    extra = sorted(k for k in t if t[k].dtype == np.int8 and k not in want)
+    bad += [f"{k}: not expected" for k in extra]
+    ok = h["version"] == 2 and h["wdtype"] == 3 and not bad
+    add_row(name, "int8 export vs own Q8_0 of HF's float32 weights",
+            f"{total} values and scales: " + ("bit-equal" if not bad else "; ".join(bad)[:150]), "-",
+            f"version {h['version']}, wdtype {h['wdtype']}", ok)
+
+
+def hf_greedy(model, prompt, steps):
+    """HF's greedy tokens from prompt, each step's top-2 gap, and HF's logits on prompt + those tokens."""
+    gen = model.generate(torch.tensor([prompt]).cuda(), max_new_tokens=steps, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+    tokens = gen.sequences[0, len(prompt):].tolist()
+    gaps = [float(torch.topk(s[0].float(), 2).values.diff().abs()) for s in gen.scores]
+    return tokens, gaps, hf_logits(model, prompt + tokens)
+
+
+def hf_int8(name, model, checkpoint, ids, prompt, steps, n_layers, positions=None, extra=None):
+    """HF float32 (model, on the GPU) on its Q8_0-dequantized weights: dequantizes in place (checking the
+    int8 file's bytes against the quantization first), then its logits on ids (at positions), greedy
+    tokens from prompt (their gaps, the logits on prompt + them), extra(model)'s entries if given, and last
+    HF's own bf16 error on the dequantized weights (it casts the model). Also the measured relative
+    weight error eps and the estimate eps sqrt(4 L + 2) of the quantization's logit error."""
+    quant, eps = dequantize_(model)
+    guarded(name, "int8 export", lambda: int8_export_check(name, checkpoint, quant, n_layers))
+    quant.clear()  # the GPU memory of the int8 copies
+    logits = hf_logits(model, ids)
+    hf = {"eps": eps, "est": eps * math.sqrt(4 * n_layers + 2),
+          "logits": logits if positions is None else logits[positions]}
+    hf["greedy"], hf["gaps"], hf["greedy_logits"] = hf_greedy(model, prompt, steps)
+    if extra:
+        hf.update(extra(model))
+    hf["own_bf16"] = hf16_errors(model, ids, hf["logits"], positions)["bf16"]
+    return hf
+
+
+def int8_rows(name, checkpoint, hf, ids, prompt, unquant, tol, context, positions=None, cpu=False):
+    """Part 5's rows for one int8 file against hf (hf_int8's), bf16 KV: the fed ids (prefill, at positions),
+    each decode path's greedy tokens and their logits while they equal HF's; tol the base bf16 bound;
+    unquant HF float32 on the unquantized weights at the same rows, for the report; cpu: ./runcpu too."""
+    bound = max(tol, hf["own_bf16"])
+    which = f"bound {bound:.1e} ({'HF bf16' if hf['own_bf16'] > tol else 'base'})"
+    n = len(prompt)
+    pre = logits_run("./run", checkpoint, ids, 0, context, "bf16", 0)[0]
+    pre = pre if positions is None else pre[positions]
+    rel_p = rel_l2(pre, hf["logits"])
+    clear = top2_gap(hf["logits"]) > 6 * bound * rms(hf["logits"])
+    agree = pre.argmax(1) == hf["logits"].argmax(1)
+    report = (f"vs HF fp32 unquantized {rel_l2(pre, unquant).max():.1e} (quantization alone "
+              f"{rel_l2(hf['logits'], unquant).max():.1e}, est. {hf['est']:.1e} from eps {hf['eps']:.1e})")
+    for fused in (1, 0):
+        got, greedy = logits_run("./run", checkpoint, prompt, len(hf["greedy"]), context, "bf16", fused)
+        d = first_difference(greedy, hf["greedy"])  # rows up to n + d - 1 saw HF's tokens
+        rel_d = rel_l2(got[n:n + d], hf["greedy_logits"][n:n + d])
+        worst_d = rel_d.max() if d else 0.0
+        noise = 6 * bound * rms(hf["greedy_logits"][n - 1:])
+        greedy_text, greedy_ok = greedy_verdict(greedy, hf["greedy"], hf["gaps"], noise)
+        ok = bool(np.all(np.isfinite(pre)) and np.all(np.isfinite(got)) and rel_p.max() <= bound
+                  and worst_d <= bound and np.all(agree[clear]) and greedy_ok)
+        add_row(name, f"int8 w, bf16 KV, {'fused' if fused else 'unfused'}: vs HF fp32 on the dequantized w",
+                f"prefill {rel_p.max():.2e}, decode {worst_d:.2e} ({d} steps); {which}; {report}",
+                f"{agree.mean():.1%} ({agree[clear].mean():.0%} of {clear.sum()} clear)", greedy_text, ok)
+    if cpu:
+        cpu_logits = logits_run("./runcpu", checkpoint, ids, 0, context)[0]
+        rel_c = rel_l2(cpu_logits if positions is None else cpu_logits[positions], hf["logits"])
+        add_row(name, "int8 w: runcpu vs HF fp32 on the dequantized w", f"{rel_c.max():.2e} <= {CPU_TOL:.0e}", "-",
+                "-", bool(rel_c.max() <= CPU_TOL))
+
+
+def fixture_int8(name, folder, meta):
+    """Part 5 on a committed fixture (its ids, greedy prompt; HF's committed float32 logits unquantized)."""
+    config = json.load(open(os.path.join(folder, "config.json")))
+    checkpoint = export(folder, os.path.join(work, name + ".int8.bin"), "int8")
+    cls = Qwen3ForCausalLM if name.startswith("qwen3") else Qwen2ForCausalLM
+    model = cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").cuda().eval()
+    hf = hf_int8(name, model, checkpoint, meta["ids"], meta["greedy_prompt"], N_GREEDY, config["num_hidden_layers"])
+    del model
+    torch.cuda.empty_cache()
+    int8_rows(name, checkpoint, hf, meta["ids"], meta["greedy_prompt"], np.load(os.path.join(folder, "ref_logits.npy")),
+              TOL["bf16"], 512, cpu=True)
+
+
+def random_int8(name, path, ids, prompt, ref, tok):
+    """Part 5 on a random model of part 2 (saved at path; ref: HF float32 on its unquantized weights on ids);
+    on qwen3-0.6b also int8 against bf16 and generate mode."""
+    cls, config = MODELS[name][:2]
+    checkpoint = export(path, os.path.join(work, f"{name}.int8.bin"), "int8")
+    model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").cuda().eval()
+    hf = hf_int8(name, model, checkpoint, ids, prompt, N_GREEDY, config.num_hidden_layers)
+    del model
+    torch.cuda.empty_cache()
+    int8_rows(name, checkpoint, hf, ids, prompt, ref, TOL["bf16"], 1024, cpu=name in INT8_CPU)
+    if name == "qwen3-0.6b":
+        bf16 = export(path, os.path.join(work, f"{name}.bf16.bin"), "bf16")
+        guarded(name, "int8 vs bf16", lambda: int8_vs_bf16(name, checkpoint, bf16, ids, prompt))
+        guarded(name, "int8 generate", lambda: lookahead(name, checkpoint, tok.decode(prompt),
+                                                         os.path.join(ROOT, "tokenizer.bin"), N_GREEDY, 1024, "int8 w"))
+
+
+def int8_vs_bf16(name, int8, bf16, ids, prompt):
+    """./run int8 against ./run bf16 (bf16 KV): top-1 on the fed ids and each path's greedy tokens equal
+    wherever bf16's top-2 gap exceeds 6 x the rms over the vocabulary of the int8 - bf16 logit
+    difference at that position (the docstring's part 5)."""
+    def sigma(a, b):  # per position: rms over the vocabulary of a - b
+        return np.sqrt(((a.astype(np.float64) - b) ** 2).mean(axis=1))
+    n = len(prompt)
+    pre8, pre16 = (logits_run("./run", c, ids, 0, 1024, "bf16", 0)[0] for c in (int8, bf16))
+    s_pre = sigma(pre8, pre16)
+    clear = top2_gap(pre16) > 6 * s_pre
+    agree = pre8.argmax(1) == pre16.argmax(1)
+    rel = rel_l2(pre8, pre16)
+    for fused in (1, 0):
+        got8, greedy8 = logits_run("./run", int8, prompt, N_GREEDY, 1024, "bf16", fused)
+        got16, greedy16 = logits_run("./run", bf16, prompt, N_GREEDY, 1024, "bf16", fused)
+        # row n - 1 + k decides step k; up to the first difference both runs were fed the same tokens
+        greedy_text, greedy_ok = greedy_verdict(greedy8, greedy16, top2_gap(got16[n - 1:]),
+                                                6 * sigma(got8, got16)[n - 1:])
+        ok = bool(np.all(np.isfinite(pre8)) and np.all(np.isfinite(got8)) and np.all(agree[clear]) and greedy_ok)
+        add_row(name, f"int8 vs bf16 w (./run both), bf16 KV, {'fused' if fused else 'unfused'}",
+                f"prefill rel L2 {rel.max():.1e} / {np.median(rel):.1e}; clear: gap > 6 sigma, sigma/rms "
+                f"{np.median(s_pre / rms(pre16)):.1e}",
+                f"{agree.mean():.1%} ({agree[clear].mean():.0%} of {clear.sum()} clear)", greedy_text, ok)
+
+
+def demo_int8(ref, ref_logits, val, val_path, hf_ppl):
+    """Part 5 on the demo: against HF float32 dequantized at ref.json's positions of the first context
+    validation tokens and on its greedy prompt; the validation split's perplexity; generate mode."""
+    ctx, positions, prompt = ref["context"], ref["positions"], ref["greedy_prompt"]
+    checkpoint = export(DEMO, os.path.join(work, "demo.int8.bin"), "int8")
+    config = json.load(open(os.path.join(DEMO, "config.json")))
+
+    def mean_nll(model):  # HF's nll of ppl mode's windows on the dequantized weights, then on them rounded to bf16
+        mean = lambda windows: sum(s for s, _ in windows) / sum(c for _, c in windows)  # noqa: E731
+        out = {"nll": mean(nll_windows(model, val, ctx))}
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.data.copy_(p.data.to(torch.bfloat16).float())
+        out["nll_bf16w"] = mean(nll_windows(model, val, ctx))
+        return out
+
+    model = Qwen3ForCausalLM.from_pretrained(DEMO, dtype=torch.float32, attn_implementation="eager").cuda().eval()
+    hf = hf_int8("demo", model, checkpoint, val[:ctx], prompt, len(ref["greedy"]), config["num_hidden_layers"],
+                 positions, mean_nll)
+    del model
+    torch.cuda.empty_cache()
+    int8_rows("demo", checkpoint, hf, val[:ctx], prompt, ref_logits, DEMO_TOL["bf16"], ctx, positions, cpu=True)
+    tokenizer = os.path.join(DEMO, "tokenizer.bin")
+    nll8, tokens = ppl_run("./run", checkpoint, val_path, ctx, "bf16", tokenizer)
+    nll16, _ = ppl_run("./run", export(DEMO, os.path.join(work, "demo.bf16.bin"), "bf16"), val_path, ctx, "bf16",
+                       tokenizer)
+    ppl8, ppl16, hf_w = math.exp(nll8), math.exp(nll16), math.exp(hf["nll_bf16w"])
+    rel_w, rel_16 = abs(ppl8 / hf_w - 1), abs(ppl8 / ppl16 - 1)
+    add_row("demo", f"int8 w, bf16 KV: ppl of the validation split, ctx {ctx}",
+            f"ppl {ppl8:.4f} vs HF fp32 on bf16(dequantized w) {hf_w:.4f}: {rel_w:.1e} <= {PPL_TOL:.0e}; "
+            f"vs the bf16 export's {ppl16:.4f}: {rel_16:.1e} <= {INT8_PPL_TOL:.0e}",
+            f"HF fp32: dequantized {math.exp(hf['nll']):.4f}, unquantized {hf_ppl:.4f}",
+            f"{tokens} tokens (HF {ref['ppl_scored']})",
+            tokens == ref["ppl_scored"] and rel_w <= PPL_TOL and rel_16 <= INT8_PPL_TOL)
+    demo_tok = Tokenizer.from_file(os.path.join(DEMO, "tokenizer.json"))
+    guarded("demo", "int8 generate", lambda: lookahead("demo", checkpoint, demo_tok.decode(prompt), tokenizer,
+                                                       len(ref["greedy"]), ctx, "int8 w"))
 
 
 # ---- the table ------------------------------------------------------------------------------------

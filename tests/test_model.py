@@ -57,7 +57,7 @@ def test_greedy_matches_hf():
 HEADER = struct.Struct("<II8iffIIQ")
 HEADER_FIELDS = ["magic", "version", "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                  "vocab_size", "max_seq_len", "rope_theta", "eps", "wdtype", "flags", "file_size"]
-WEIGHT_DTYPES = {0: np.float32, 1: np.uint16, 2: np.float16}  # bf16 as its raw bits
+WEIGHT_DTYPES = {0: np.float32, 1: np.uint16, 2: np.float16, 3: np.int8}  # bf16 as its raw bits
 
 
 def tensor_layout(h):
@@ -76,6 +76,9 @@ def tensor_layout(h):
               ("w_down", (L, D, H), w), ("rms_final", (D,), f32)]
     if not h["flags"] & 1:
         order.append(("lm_head", (V, D), w))
+    if h["wdtype"] == 3:  # int8: each matrix followed by its fp16 scales, one per 32 weights of a row
+        order = [t for name, shape, dtype in order for t in [(name, shape, dtype)] +
+                 ([(name + "_scales", shape[:-1] + (shape[-1] // 32,), np.float16)] if dtype == w else [])]
     tensors, at = [], 256
     for name, shape, dtype in order:
         at = (at + 255) // 256 * 256
