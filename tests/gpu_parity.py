@@ -302,7 +302,7 @@ def lookahead(name, checkpoint, prompt_text, tokenizer, steps, context, weights=
     """Generate mode's greedy tokens (each step enqueued ahead, fed by the GPU's argmax) against logits
     mode's (fed by the host) on the prompt ids generate mode reports: equal, up to generate's stop."""
     r = subprocess.run(["./run", checkpoint, "-z", tokenizer, "-i", prompt_text, "-t", "0", "-n", str(steps),
-                        "-c", str(context), "-v", "1"], capture_output=True, text=True, timeout=300)
+                        "-c", str(context), "-v", "1", "-a", "1"], capture_output=True, text=True, timeout=300)
     if r.returncode:
         raise RuntimeError(f"generate failed ({r.returncode}): {r.stderr.strip()[-500:]}")
     found = {k: [int(t) for t in v.split()] for k, v in re.findall(r"^(prompt|generated) ids:(.*)$", r.stderr, re.M)}
