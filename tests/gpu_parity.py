@@ -138,6 +138,7 @@ DEMO = os.path.join(ROOT, "demo")
 DEMO_REF = os.path.join(FIXTURES, "demo_ref")
 sys.path[:0] = [HERE, DEMO]
 from gen_fixtures import nll_windows, randomize  # noqa: E402
+from q8_reference import dequant, q8_0  # noqa: E402
 from text import split as demo_split  # noqa: E402  (demo/text.py: the demo's training / validation cut)
 
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -587,25 +588,6 @@ def int8_shape(config):
                                      config["num_attention_heads"] * head_dim_of(config)))
 
 
-def q8_0(w):
-    """Issue 10's Q8_0 (ggml's quantize_row_q8_0_ref) of a matrix (rows, cols), cols % 32 == 0: per block of 32
-    consecutive weights of a row, in float32 from w's values as float32, d = amax / 127, id = 1 / d (0 if
-    d == 0), q = x * id rounded half away from zero, scale = fp16(d) (to nearest even). Each float32 step is
-    done in float64 and rounded to float32 once, which is the float32 result (float64 carries more than
-    2 x 24 + 2 bits: the double rounding is innocuous); q's rounding acts on float32 values held exactly.
-    Returns (q int8 (rows, cols), scales fp16 (rows, cols / 32)), on w's device."""
-    if w.shape[0] > 8192:  # bounded float64 temporaries
-        parts = [q8_0(c) for c in w.split(8192)]
-        return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
-    x = w.float().reshape(w.shape[0], -1, 32).double()
-    d = (x.abs().amax(-1) / 127).float()
-    inv = torch.where(d != 0, 1 / d.double(), torch.zeros_like(d, dtype=torch.float64)).float()
-    y = (x * inv.double()[..., None]).float().double()
-    t = y.trunc()
-    q = torch.where((y - t).abs() >= 0.5, t + y.sign(), t)
-    return q.to(torch.int8).reshape(w.shape), d.half()
-
-
 def dequantize_(model):
     """Replaces every matrix of the HF model (its 2-D parameters: the embedding, the projections, an untied
     lm_head; a tied lm_head is the embedding's parameter, done once) in place by its Q8_0 values
@@ -616,7 +598,7 @@ def dequantize_(model):
         if p.dim() != 2:
             continue
         q, sc = q8_0(p.data)
-        deq = (q.float().reshape(q.shape[0], -1, 32) * sc.float()[..., None]).reshape(q.shape)
+        deq = dequant(q, sc)
         err2 += float((deq - p.data).double().pow(2).sum())
         norm2 += float(p.data.double().pow(2).sum())
         p.data.copy_(deq)

@@ -31,6 +31,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from q8_reference import dequant, q8_0  # tests/, the script's folder, is on sys.path
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = os.environ.get("KERNELS_LIB") or os.path.join(ROOT, "build", "libkernels.so")  # as gpu_kernels.py
 DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # int8: Q8_0, with its scales
@@ -102,28 +104,6 @@ def bench(fn, inner=10, reps=30):
 def matmul(out, w, x, bias, accumulate, scales=None):
     T, cols = x.shape
     lib.matmul_gpu(p(out), p(w), p(scales), DT[w.dtype], p(x), p(bias), T, w.shape[0], cols, accumulate, STREAM)
-
-
-def q8_0(w):
-    """Issue 10's Q8_0 (ggml's quantize_row_q8_0_ref) of a matrix (rows, cols), cols % 32 == 0, as
-    gpu_kernels.py's q8_0 (which says why float64 steps rounded once to float32 are the float32 steps):
-    per 32 weights of a row, d = amax / 127, q = x * (1 / d) rounded half away from zero, scale = fp16(d).
-    Returns (q int8, scales fp16 (rows, cols / 32))."""
-    if w.shape[0] > 8192:  # bounded float64 temporaries
-        parts = [q8_0(c) for c in w.split(8192)]
-        return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
-    x = w.float().reshape(w.shape[0], -1, 32).double()
-    d = (x.abs().amax(-1) / 127).float()
-    inv = torch.where(d != 0, 1 / d.double(), torch.zeros_like(d, dtype=torch.float64)).float()
-    y = (x * inv.double()[..., None]).float().double()
-    t = y.trunc()
-    q = torch.where((y - t).abs() >= 0.5, t + y.sign(), t)
-    return q.to(torch.int8).reshape(w.shape), d.half()
-
-
-def dequant(q, scales):
-    """float32(q) * float32(scale): exact in float32"""
-    return (q.float().reshape(q.shape[0], -1, 32) * scales.float()[..., None]).reshape(q.shape)
 
 
 def check_matmul(gen):
