@@ -31,16 +31,17 @@ attention_chunk_kernel(float* scratch, const float* q, const KV* k_cache, const 
     for (int i = threadIdx.x; i < heads.count * HD; i += blockDim.x)
         sh.q[i / HD][i % HD] = q[(size_t)heads.h0 * HD + i] * scale;
     __syncthreads();
-    attend_chunk<KV, HD, G, ATT_WARPS>(sh, scratch, k_cache, v_cache, kv_head, heads, chunk, len, n_chunks, n_kv_heads);
+    attend_chunk<KV, HD, G, ATT_WARPS>(sh, [&](size_t i, float value) { scratch[i] = value; }, k_cache, v_cache, kv_head,
+                                       heads, chunk, len, n_chunks, n_kv_heads);
 }
 
 // out (n_heads, hd); one block per head
 __global__ void attention_merge_kernel(float* out, const float* scratch, const int* pos, int head_dim,
                                        int n_chunks) {
     griddep_wait();
-    const int h = blockIdx.x;
-    merge_head(out + (size_t)h * head_dim, scratch + (size_t)h * n_chunks * (head_dim + 2), *pos + 1,
-               n_chunks, head_dim);
+    __shared__ float m_chunk[ATT_MAX_CHUNKS], l_chunk[ATT_MAX_CHUNKS];
+    merge_heads(ScratchPartials{scratch}, [&](int h, int d, float value) { out[(size_t)h * head_dim + d] = value; },
+                blockIdx.x, 1, m_chunk, l_chunk, *pos + 1, n_chunks, head_dim);
 }
 
 template <typename KV, int HD, int G>

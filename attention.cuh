@@ -7,7 +7,7 @@
 // captured in a CUDA graph): the chunks that start past pos are idle. One work item = one chunk of
 // one KV head for the query heads of one subgroup of its group (up to G heads): it reads its rows
 // once for every served head (GQA), with an online softmax in fp32, and writes per query head the
-// partial (running max m, sum l, unnormalised output acc[hd]) to scratch. merge_head then rescales
+// partial (running max m, sum l, unnormalised output acc[hd]) to scratch. merge_heads then rescales
 // a head's partials to their common max, sums and normalises them.
 #pragma once
 #include "common.cuh"
@@ -31,6 +31,13 @@ static __device__ __forceinline__ int attention_chunk_rows(int len, int n_chunks
     return (rows + ATT_ROW_GRANULE - 1) / ATT_ROW_GRANULE * ATT_ROW_GRANULE;
 }
 
+// How attend_chunk reads the cache: a row by LPR = HD/8 lanes, 16 bytes each, so RPW = 32/LPR rows
+// per warp load, and U loads of a lane before any is used (fewer when the state of 8 heads takes
+// the registers): a pass of the block's WARPS warps reads WARPS * RPW * U rows.
+template <int HD, int G> struct AttendLoads {
+    static constexpr int LPR = HD / 8, RPW = 32 / LPR, U = G <= 2 ? 4 : 2;
+};
+
 template <int HD, int G, int WARPS> struct AttendShared {
     float q[G][HD];           // the served queries, pre-multiplied by scale
     float acc[WARPS][G][HD];  // per-warp softmax states, merged at the end
@@ -50,18 +57,17 @@ __device__ __forceinline__ float rescale_factor(float m, float m_new) {  // exp(
 }
 
 // One block of WARPS warps: the chunk `chunk` of KV head kv_head for the served heads (sh.q holds their queries, times
-// scale); caches (seq_len, n_kv_heads, HD); len = rows attended (pos + 1); writes scratch partials
-// ((head * n_chunks + chunk) * (HD + 2)): m, l, acc[HD]. The caller skips chunks that start past len.
-// Lane layout: a cache row is read by LPR = HD/8 lanes, 16 bytes each, so a warp reads RPW = 32/LPR
-// rows per load; each lane keeps the softmax state of its 8 dims for every served head.
+// scale); caches (seq_len, n_kv_heads, HD); len = rows attended (pos + 1); stores the partials,
+// store(i, value) with i = (head * n_chunks + chunk) * (HD + 2) + (0: m, 1: l, 2 + d: acc[d]), the
+// index in the scratch of attention_scratch_floats(). The caller skips chunks that start past len.
+// Lanes: as AttendLoads; each lane keeps the softmax state of its 8 dims for every served head.
 // The cache is read through L2 (common.cuh, VIA_L2): in the persistent decode kernel, row len - 1 was
 // stored by this block a moment before, where the read-only path (__ldg) is undefined. The chain's
 // chunk kernel runs the same loads; a block reads each of its rows once, so skipping L1 costs nothing.
-template <typename KV, int HD, int G, int WARPS>
-__device__ void attend_chunk(AttendShared<HD, G, WARPS>& sh, float* scratch, const KV* k_cache, const KV* v_cache,
+template <typename KV, int HD, int G, int WARPS, typename Store>
+__device__ void attend_chunk(AttendShared<HD, G, WARPS>& sh, Store store, const KV* k_cache, const KV* v_cache,
                              int kv_head, ServedHeads heads, int chunk, int len, int n_chunks, int n_kv_heads) {
-    // U: cache rows per lane group loaded before any is used; fewer when the state of 8 heads takes the registers
-    constexpr int LPR = HD / 8, RPW = 32 / LPR, U = G <= 2 ? 4 : 2;
+    constexpr int LPR = AttendLoads<HD, G>::LPR, RPW = AttendLoads<HD, G>::RPW, U = AttendLoads<HD, G>::U;
     const int rows = attention_chunk_rows(len, n_chunks), start = chunk * rows;
     const int end = min(start + rows, len);
     const int group = heads.count;
@@ -177,44 +183,61 @@ __device__ void attend_chunk(AttendShared<HD, G, WARPS>& sh, float* scratch, con
             l_all += sh.l[w][g] * f;
             a_all += sh.acc[w][g][d] * f;
         }
-        float* part = scratch + ((size_t)(heads.h0 + g) * n_chunks + chunk) * (HD + 2);
-        if (d == 0) { part[0] = m_all; part[1] = l_all; }
-        part[2 + d] = a_all;
+        const size_t part = ((size_t)(heads.h0 + g) * n_chunks + chunk) * (HD + 2);
+        if (d == 0) { store(part, m_all); store(part + 1, l_all); }
+        store(part + 2 + d, a_all);
     }
     __syncthreads();  // sh is reused by the block's next work item
 }
 
-// One block: out (hd) of one query head from its chunk partials (n_chunks, hd + 2), of which the
-// first ceil(len / chunk_rows) were written (by other blocks: read through L2). Every (m, l) is
-// loaded at once into shared memory, and each thread issues the loads of all chunks of its dims
-// before it adds them, so the merge costs a couple of L2 round trips, not one per chunk.
-__device__ __forceinline__ void merge_head(float* out, const float* partials, int len, int n_chunks, int hd) {
+// One block: the outputs of `count` query heads from h0 on, each merged from its chunk partials
+// (the scratch layout of attend_chunk), of which the first ceil(len / chunk_rows) were written by
+// other blocks: out(head, d, value). Every (m, l) is loaded at once into m_chunk and l_chunk (shared
+// memory, (count, n_chunks) each), and each thread issues the loads of all chunks of its dims before
+// it adds them, so the merge costs a couple of round trips to L2, not one per chunk. The partials
+// are read through `partials`: fetch(i) issues the load of scratch element i, value(word, i) gives
+// its value (the chain reads floats; the persistent kernel waits for published words, decode.cu).
+template <typename Partials, typename Out>
+__device__ __forceinline__ void merge_heads(const Partials& partials, Out out, int h0, int count, float* m_chunk,
+                                            float* l_chunk, int len, int n_chunks, int hd) {
     constexpr int BATCH = 16;
-    __shared__ float m_chunk[ATT_MAX_CHUNKS], l_chunk[ATT_MAX_CHUNKS];
     const int rows = attention_chunk_rows(len, n_chunks), n_active = (len + rows - 1) / rows;
-    for (int c = threadIdx.x; c < n_active; c += blockDim.x) {
-        m_chunk[c] = __ldcg(partials + c * (hd + 2));
-        l_chunk[c] = __ldcg(partials + c * (hd + 2) + 1);
+    auto part = [&](int g, int c) { return ((size_t)(h0 + g) * n_chunks + c) * (hd + 2); };
+    for (int i = threadIdx.x; i < count * n_active; i += blockDim.x) {
+        const int g = i / n_active, c = i % n_active;
+        const auto m_word = partials.fetch(part(g, c)), l_word = partials.fetch(part(g, c) + 1);
+        m_chunk[g * n_chunks + c] = partials.value(m_word, part(g, c));
+        l_chunk[g * n_chunks + c] = partials.value(l_word, part(g, c) + 1);
     }
     __syncthreads();
-    float m_all = -INFINITY;
-    for (int c = 0; c < n_active; c++) m_all = fmaxf(m_all, m_chunk[c]);
-    float l_all = 0.f;
-    for (int c = 0; c < n_active; c++) l_all += l_chunk[c] * expf(m_chunk[c] - m_all);
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    for (int i = threadIdx.x; i < count * hd; i += blockDim.x) {
+        const int g = i / hd, d = i % hd;
+        const float *m = m_chunk + g * n_chunks, *l = l_chunk + g * n_chunks;
+        float m_all = -INFINITY;
+        for (int c = 0; c < n_active; c++) m_all = fmaxf(m_all, m[c]);
+        float l_all = 0.f;
+        for (int c = 0; c < n_active; c++) l_all += l[c] * expf(m[c] - m_all);
         float a_all = 0.f;
         for (int c0 = 0; c0 < n_active; c0 += BATCH) {
-            float a[BATCH];
-#pragma unroll
-            for (int j = 0; j < BATCH; j++) a[j] = c0 + j < n_active ? __ldcg(partials + (c0 + j) * (hd + 2) + 2 + d) : 0.f;
+            decltype(partials.fetch(0)) a[BATCH];
 #pragma unroll
             for (int j = 0; j < BATCH; j++)
-                if (c0 + j < n_active) a_all += a[j] * expf(m_chunk[c0 + j] - m_all);
+                if (c0 + j < n_active) a[j] = partials.fetch(part(g, c0 + j) + 2 + d);
+#pragma unroll
+            for (int j = 0; j < BATCH; j++)
+                if (c0 + j < n_active) a_all += partials.value(a[j], part(g, c0 + j) + 2 + d) * expf(m[c0 + j] - m_all);
         }
-        out[d] = a_all / l_all;
+        out(h0 + g, d, a_all / l_all);
     }
     __syncthreads();  // m_chunk and l_chunk are rewritten by the next call
 }
+
+// The chain's partials: floats written by the kernel before (read through L2, as the cache)
+struct ScratchPartials {
+    const float* scratch;
+    __device__ float fetch(size_t i) const { return __ldcg(scratch + i); }
+    __device__ float value(float loaded, size_t) const { return loaded; }
+};
 
 inline void check_attention_shape(int kv_dtype, int n_heads, int n_kv_heads, int head_dim, const char* who) {
     if (kv_dtype != DT_BF16 && kv_dtype != DT_F16) {

@@ -13,10 +13,10 @@
 //   as soon as the warp is done with a stage. No warp waits for another to stream, and weights do not
 //   depend on the activations, so the copies run ahead of the math across the phase boundaries while
 //   the block waits for the others: the memory does not idle.
-// Activations: a phase that needs a whole vector (x, att or h) waits until every block has
-//   published its part of it: a counter per layer and phase, one increment per block, polled by
-//   one thread (a split barrier: a block that is done moves on to wait, its weights streaming in).
-//   Data written by one block and read by another goes through L2 (VIA_L2, common.cuh).
+// Activations: a value that other blocks read (qkv, the attention partials and output, x, h) is
+//   published: stored with the flag of its (step, layer, phase) in one 8-byte word, which the
+//   readers poll until it carries the flag they wait for (below). A phase that needs a whole vector
+//   starts as soon as the last of its values lands: no counters, fences or barriers between blocks.
 //
 // The phases, one comment each in decode_step_kernel:
 //   0. x = embedding[token]
@@ -24,20 +24,20 @@
 //   1. qkv = wqkv . rmsnorm(x) + bqkv          every block its rows; each block computes rms(x) itself
 //   2. attention                               (chunk, KV head) items over the blocks (attention.cuh); an
 //                                              item normalises and rotates its queries itself, the item
-//                                              holding row pos stores K and V there, and the last item of
-//                                              a KV head to finish merges its heads into att
-//   3. x += wo . att
-//   4. h = silu(gate . rmsnorm(x)) * (up . rmsnorm(x))
+//                                              holding row pos stores K and V there, and chunk 0's item
+//                                              of a KV head merges its heads' partials into att
+//   3. x += wo . att                           a block owns the same rows of x in wo and w_down, and
+//   4. h = silu(gate . rmsnorm(x)) * (up . rmsnorm(x))          keeps them in shared memory
 //   5. x += w_down . h
 //   6. logits = lm_head . rmsnorm(x) and their argmax; the last block to finish reduces the blocks'
-//      maxima, leaves (argmax, pos + 1) as the next step's input and zeroes the counters.
+//      maxima and leaves (argmax, pos + 1) as the next step's input.
 #include <algorithm>
 #include "attention.cuh"
 
 constexpr int DECODE_THREADS = 256;
 constexpr int DECODE_WARPS = DECODE_THREADS / 32;
-// The thread that signals and polls the other blocks' counters: not a lane 0, which issue the weight
-// copies, as a fence may wait for the thread's memory operations in flight.
+// The thread that counts the blocks done (the argmax): not a lane 0, which issue the weight copies,
+// as a fence may wait for the thread's memory operations in flight.
 constexpr int SIGNAL_THREAD = 1;
 constexpr int WARP_STAGES = 3;               // shared-memory stages of each warp's weight stream
 constexpr int GROUP_ROWS = 4;                // rows whose dot products a warp computes at once (x read once)
@@ -49,42 +49,60 @@ static __device__ float decode_block_max[MAX_DECODE_BLOCKS];
 static __device__ int decode_block_argmax[MAX_DECODE_BLOCKS];
 static __device__ bool decode_block_nonfinite[MAX_DECODE_BLOCKS];
 
-// ---- synchronisation between blocks -------------------------------------------------------------
+// ---- published values: what one block writes and the others read -------------------------------
+//
+// A value goes out with the flag of the phase that wrote it, both in one 8-byte store (the value in
+// the low half, the flag in the high half; an aligned 8-byte access is single-copy atomic), and a
+// reader polls the word itself until it carries the flag it waits for: the value is then the one
+// written, without a fence, a counter or a second load (NCCL's LL protocol). Both go through L2
+// (.relaxed.gpu), the point of coherence. A flag is (epoch, layer, phase), epoch being the step's
+// number (DecodeStep.epoch): a word left by an earlier phase never carries the flag awaited.
+enum { PUB_QKV, PUB_PARTIALS, PUB_ATT, PUB_X_MID, PUB_H, PUB_X_OUT, PUB_PER_LAYER };
 
-// DecodeStep.sync: per layer one counter per phase, then per layer one counter per KV head (its
-// attention items), then one for the LM head. All zero when a step starts.
-enum { SYNC_QKV, SYNC_ATT, SYNC_O, SYNC_GATE_UP, SYNC_DOWN, SYNC_PER_LAYER };
-
-__host__ __device__ inline size_t sync_words(int n_layers, int n_kv_heads) {
-    return (size_t)n_layers * (SYNC_PER_LAYER + n_kv_heads) + 1;
+__host__ __device__ inline uint32_t flags_per_step(int n_layers) { return (uint32_t)n_layers * PUB_PER_LAYER; }
+__device__ __forceinline__ uint32_t flag_of(const DecodeStep& p, int l, int phase) {
+    return p.epoch * flags_per_step(p.n_layers) + l * PUB_PER_LAYER + phase;
 }
 
-__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
+// DecodeStep.published: x (dim: the residual stream after attention, then after the MLP), qkv
+// (qkv_dim), att (q_dim), h (hidden_dim), the attention partials (attention_scratch_floats()). Each
+// is rewritten every layer: before a block writes a layer's value, every reader of the layer before
+// has read it (the phases in between wait for every block).
+struct Published { uint64_t *x, *qkv, *att, *h, *partials; };
+__host__ __device__ inline size_t published_words(const DecodeStep& p, Published* at) {
+    const size_t q_dim = (size_t)p.n_heads * p.head_dim, qkv_dim = q_dim + 2 * (size_t)p.n_kv_heads * p.head_dim;
+    const size_t partials = (size_t)p.n_heads * attention_n_chunks(p.seq_len) * (p.head_dim + 2);
+    uint64_t* base = reinterpret_cast<uint64_t*>(p.published);
+    if (at) *at = {base, base + p.dim, base + p.dim + qkv_dim, base + p.dim + qkv_dim + q_dim,
+                   base + p.dim + qkv_dim + q_dim + p.hidden_dim};
+    return p.dim + qkv_dim + q_dim + p.hidden_dim + partials;
 }
 
-// The block's writes of a phase are done: one arrival, after a fence, so whoever sees the count sees them.
-__device__ __forceinline__ void publish(unsigned* counter) {
-    __syncthreads();
-    if (threadIdx.x == SIGNAL_THREAD) {
-        __threadfence();
-        atomicAdd(counter, 1u);
-    }
+__device__ __forceinline__ void publish(uint64_t* slot, float value, uint32_t flag) {
+    const uint64_t word = (uint64_t)flag << 32 | __float_as_uint(value);
+    asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" :: "l"(slot), "l"(word) : "memory");
+}
+__device__ __forceinline__ uint64_t load_word(const uint64_t* slot) {
+    uint64_t word;
+    asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(word) : "l"(slot) : "memory");
+    return word;
+}
+// The value in `word` (loaded from slot), once slot carries flag: polls until then.
+__device__ __forceinline__ float value_when(uint64_t word, const uint64_t* slot, uint32_t flag) {
+    while ((uint32_t)(word >> 32) != flag) word = load_word(slot);
+    return __uint_as_float((uint32_t)word);
 }
 
-// Until `count` arrivals: one thread polls, the block waits for it.
-__device__ __forceinline__ void wait_for(const unsigned* counter, unsigned count) {
-    if (threadIdx.x == SIGNAL_THREAD) {
-        while (load_acquire(counter) < count) {}
-        __threadfence();
-    }
-    __syncthreads();
-}
+// The attention partials as merge_heads reads them (attention.cuh): waited for
+struct PublishedPartials {
+    const uint64_t* words;
+    uint32_t flag;
+    __device__ uint64_t fetch(size_t i) const { return load_word(words + i); }
+    __device__ float value(uint64_t loaded, size_t i) const { return value_when(loaded, words + i, flag); }
+};
 
 // One arrival of `total`; true, in every thread of the block, for the block that arrived last (it
-// then sees everything published before the other arrivals).
+// then sees everything the other blocks wrote before their arrivals).
 __device__ __forceinline__ bool arrive_last(unsigned* counter, unsigned total) {
     __shared__ bool last;
     __syncthreads();
@@ -208,6 +226,31 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
                  :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(bar), "l"(policy) : "memory");
 }
 
+// The runs of memory a piece is copied from, in the order of its stage: run(src, bytes, offset in
+// the stage). Whole rows are one run (and their up rows another); a row segment is a run of its own;
+// int8 then has each segment's scales (piece_scales).
+template <typename W, typename Run>
+__device__ __forceinline__ void piece_runs(const DecodeStep& p, const Piece& piece, Run run) {
+    const Units<W> u = matrix_units<W>(p, piece.matrix);
+    const uint32_t row_bytes = piece.len * sizeof(W), rows = piece.n * (u.up_rows ? 2 : 1);
+    const W* src = u.rows + (size_t)piece.unit * u.cols + piece.col;
+    const W* up = u.up_rows ? u.up_rows + (size_t)piece.unit * u.cols + piece.col : nullptr;
+    if (piece.len == u.cols) {
+        run(src, piece.n * row_bytes, 0);
+        if (up) run(up, piece.n * row_bytes, piece.n * row_bytes);
+    } else {
+        for (int i = 0; i < piece.n; i++) {
+            run(src + (size_t)i * u.cols, row_bytes, i * row_bytes);
+            if (up) run(up + (size_t)i * u.cols, row_bytes, (piece.n + i) * row_bytes);
+        }
+    }
+    if constexpr (is_int8<W>)
+        for (int k = 0; k < (int)rows; k++) {
+            const ScaleRun scales = piece_scales(u, piece, k);
+            run(scales.start, scales.bytes, rows * row_bytes + k * scale_slot(piece.len));
+        }
+}
+
 // A warp's weight stream: WARP_STAGES stages of shared memory, each with an mbarrier that completes
 // a phase when the stage's bytes land. Piece k goes to stage k % WARP_STAGES; lane 0 issues it as
 // soon as the warp is done with piece k - WARP_STAGES.
@@ -230,31 +273,14 @@ __device__ void issue_next(const DecodeStep& p, WarpStream& s) {
     if (!next_piece<W>(p, s.issue_at, s.stage_bytes, piece)) return;
     const int slot = s.issued++ % WARP_STAGES;
     if (threadIdx.x % 32 == 0) {
-        const Units<W> u = matrix_units<W>(p, piece.matrix);
-        const uint32_t bar = smem_addr(&s.full[slot]), row_bytes = piece.len * sizeof(W);
-        const uint32_t rows = piece.n * (u.up_rows ? 2 : 1);
+        const uint32_t bar = smem_addr(&s.full[slot]);
         char* dst = s.stages + (size_t)slot * s.stage_bytes;
-        uint32_t bytes = rows * row_bytes;
-        if constexpr (is_int8<W>)
-            for (int k = 0; k < (int)rows; k++) bytes += piece_scales(u, piece, k).bytes;
+        uint32_t bytes = 0;
+        piece_runs<W>(p, piece, [&](const void*, uint32_t run_bytes, uint32_t) { bytes += run_bytes; });
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
-        const W* src = u.rows + (size_t)piece.unit * u.cols + piece.col;
-        const W* up = u.up_rows ? u.up_rows + (size_t)piece.unit * u.cols + piece.col : nullptr;
-        if (piece.len == u.cols) {  // whole rows: one run of memory
-            bulk_copy(dst, src, piece.n * row_bytes, bar, s.policy);
-            if (u.up_rows) bulk_copy(dst + piece.n * row_bytes, up, piece.n * row_bytes, bar, s.policy);
-        } else {
-            for (int i = 0; i < piece.n; i++) {
-                bulk_copy(dst + i * row_bytes, src + (size_t)i * u.cols, row_bytes, bar, s.policy);
-                if (u.up_rows)
-                    bulk_copy(dst + (piece.n + i) * row_bytes, up + (size_t)i * u.cols, row_bytes, bar, s.policy);
-            }
-        }
-        if constexpr (is_int8<W>)
-            for (int k = 0; k < (int)rows; k++) {
-                const ScaleRun run = piece_scales(u, piece, k);
-                bulk_copy(dst + rows * row_bytes + k * scale_slot(piece.len), run.start, run.bytes, bar, s.policy);
-            }
+        piece_runs<W>(p, piece, [&](const void* src, uint32_t run_bytes, uint32_t offset) {
+            bulk_copy(dst + offset, src, run_bytes, bar, s.policy);
+        });
     }
 }
 
@@ -321,16 +347,19 @@ __device__ void stream_matrix(const DecodeStep& p, WarpStream& s, int matrix, co
 // once per batch instead of once per element.
 constexpr int BATCH = 8;
 
-// v (n) = src (n) written by other blocks (through L2); n % 4 == 0, src 16-byte aligned
-__device__ __forceinline__ void load_vector(float* v, const float* src, int n) {
-    for (int i0 = threadIdx.x * 4; i0 < n; i0 += blockDim.x * 4 * BATCH) {
-        float4 x[BATCH];
+// v (n, shared memory) = the published src (n) once every value carries flag: each thread issues
+// all BATCH of its loads before it polls any
+__device__ __forceinline__ void load_published(float* v, const uint64_t* src, int n, uint32_t flag) {
+    for (int i0 = threadIdx.x; i0 < n; i0 += blockDim.x * BATCH) {
+        uint64_t words[BATCH];
 #pragma unroll
         for (int j = 0; j < BATCH; j++)
-            if (i0 + j * blockDim.x * 4 < n) x[j] = __ldcg(reinterpret_cast<const float4*>(src + i0 + j * blockDim.x * 4));
+            if (i0 + j * blockDim.x < n) words[j] = load_word(src + i0 + j * blockDim.x);
 #pragma unroll
-        for (int j = 0; j < BATCH; j++)
-            if (i0 + j * blockDim.x * 4 < n) *reinterpret_cast<float4*>(v + i0 + j * blockDim.x * 4) = x[j];
+        for (int j = 0; j < BATCH; j++) {
+            const int i = i0 + j * blockDim.x;
+            if (i < n) v[i] = value_when(words[j], src + i, flag);
+        }
     }
     __syncthreads();
 }
@@ -368,21 +397,25 @@ __device__ __forceinline__ void rmsnorm_in_place(float* v, const float* weight, 
 
 template <int HD, int G> struct AttentionShared {
     AttendShared<HD, G, DECODE_WARPS> attend;
-    float k_row[HD];  // the new key, normalised and rotated
+    float k_row[HD];                                  // the new key, normalised and rotated
+    float q_norm[HD], k_norm[HD];                     // the layer's QK-norm weights
+    float m_chunk[G][ATT_MAX_CHUNKS], l_chunk[G][ATT_MAX_CHUNKS];  // the merge's (merge_heads)
 };
 
 // Phase 2 of layer l: the (chunk, KV head, subgroup) items of the active chunks, chunk-major (so at a
-// short context the items spread over all blocks), as the chain's attention_chunk_kernel and
-// qk_norm_rope_kernel compute them; then, by the last item of each KV head, attention_merge_kernel's
-// merge of its query heads into att, and one arrival on SYNC_ATT.
+// short context the items spread over the blocks), as the chain's attention_chunk_kernel and
+// qk_norm_rope_kernel compute them, each publishing its partials; then chunk 0's item of each KV head
+// and subgroup merges its heads' partials, as attention_merge_kernel, and publishes them as att.
+// Chunks are at least one pass of the block's loads long (a longer chunk costs a round trip to L2
+// per pass, another chunk a merge of its partials) and at most one item runs per block, so every
+// partial that a merge waits for is being computed by another block at the same time.
 template <typename KV, int HD, int G>
-__device__ void attention_phase(const DecodeStep& p, int l, int pos, AttentionShared<HD, G>& sh,
+__device__ void attention_phase(const DecodeStep& p, const Published& pub, int l, int pos, AttentionShared<HD, G>& sh,
                                 const float* inv_freq) {
     const int group = p.n_heads / p.n_kv_heads, n_sub = (group + G - 1) / G, per_chunk = p.n_kv_heads * n_sub;
-    // about one item per block: chunks as long as the context needs, so that a block reads its rows
-    // in one item rather than paying an item's round trips several times (at most the chain's
-    // chunk count, which sizes the scratch)
-    const int n_chunks = max(1, min(attention_n_chunks(p.seq_len), (int)gridDim.x / per_chunk)), len = pos + 1;
+    constexpr int PASS_ROWS = DECODE_WARPS * AttendLoads<HD, G>::RPW * AttendLoads<HD, G>::U;
+    const int len = pos + 1;
+    const int n_chunks = max(1, min(min(attention_n_chunks(p.seq_len), (int)gridDim.x / per_chunk), (len + PASS_ROWS - 1) / PASS_ROWS));
     const int chunk_rows = attention_chunk_rows(len, n_chunks), n_active = (len + chunk_rows - 1) / chunk_rows;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const size_t layer_rows = (size_t)l * p.seq_len * p.n_kv_heads * HD;
@@ -391,57 +424,64 @@ __device__ void attention_phase(const DecodeStep& p, int l, int pos, AttentionSh
     const float k_scale = p.k_scale ? p.k_scale[l] : 1.f, scale = k_scale / sqrtf((float)HD);
     const float* q_norm = p.q_norm ? p.q_norm + (size_t)l * HD : nullptr;
     const float* k_norm = p.k_norm ? p.k_norm + (size_t)l * HD : nullptr;
-    const float* q = p.qkv;
-    const float* k = q + (size_t)p.n_heads * HD;
-    const float* v = k + (size_t)p.n_kv_heads * HD;
-    unsigned* items_done = p.sync + (size_t)p.n_layers * SYNC_PER_LAYER + (size_t)l * p.n_kv_heads;
+    const uint64_t* q = pub.qkv;
+    const uint64_t* k = q + (size_t)p.n_heads * HD;
+    const uint64_t* v = k + (size_t)p.n_kv_heads * HD;
+    const uint32_t qkv_flag = flag_of(p, l, PUB_QKV), partials_flag = flag_of(p, l, PUB_PARTIALS);
     for (int item = blockIdx.x; item < n_active * per_chunk; item += gridDim.x) {
         const int chunk = item / per_chunk, kv_head = item % per_chunk / n_sub;
         const ServedHeads heads = served_heads<G>(kv_head, item % n_sub, p.n_heads, p.n_kv_heads);
-        // the served queries: q_norm, RoPE, times the softmax scale (a warp per head)
+        // the norm weights copied in while the warps wait for the served queries (a warp per head),
+        // and in the chunk holding row pos for the new k and v (v is stored there at once)
+        if (q_norm) copy_vector_async(sh.q_norm, q_norm, HD);
+        if (k_norm) copy_vector_async(sh.k_norm, k_norm, HD);
         constexpr int PER_LANE = (HD + 31) / 32;
         for (int g = warp; g < heads.count; g += DECODE_WARPS) {
-            float* qg = sh.attend.q[g];
-            float t[PER_LANE];
+            const uint64_t* qh = q + (size_t)(heads.h0 + g) * HD + lane;
+            uint64_t words[PER_LANE];
 #pragma unroll
             for (int j = 0; j < PER_LANE; j++)
-                if (lane + 32 * j < HD) t[j] = __ldcg(q + (size_t)(heads.h0 + g) * HD + lane + 32 * j);
+                if (lane + 32 * j < HD) words[j] = load_word(qh + 32 * j);
 #pragma unroll
             for (int j = 0; j < PER_LANE; j++)
-                if (lane + 32 * j < HD) qg[lane + 32 * j] = t[j];
-            __syncwarp();
-            norm_rope_head<KV>(qg, q_norm, HD, pos, p.theta, p.eps, nullptr, 1.f, inv_freq);
-            __syncwarp();
-            for (int i = lane; i < HD; i += 32) qg[i] *= scale;
+                if (lane + 32 * j < HD) sh.attend.q[g][lane + 32 * j] = value_when(words[j], qh + 32 * j, qkv_flag);
         }
-        // the chunk holding row pos: k_norm and RoPE of the new key; k / k_scale and v stored there
-        if (chunk == n_active - 1 && warp == DECODE_WARPS - 1) {
-            const size_t row = ((size_t)pos * p.n_kv_heads + kv_head) * HD;
-            float tk[PER_LANE], tv[PER_LANE];
+        const bool new_row = chunk == n_active - 1 && warp == DECODE_WARPS - 1;
+        const size_t row = ((size_t)pos * p.n_kv_heads + kv_head) * HD;
+        if (new_row) {
+            const uint64_t *kh = k + (size_t)kv_head * HD + lane, *vh = v + (size_t)kv_head * HD + lane;
+            uint64_t k_words[PER_LANE], v_words[PER_LANE];
 #pragma unroll
             for (int j = 0; j < PER_LANE; j++)
                 if (lane + 32 * j < HD) {
-                    tk[j] = __ldcg(k + (size_t)kv_head * HD + lane + 32 * j);
-                    tv[j] = __ldcg(v + (size_t)kv_head * HD + lane + 32 * j);
+                    k_words[j] = load_word(kh + 32 * j);
+                    v_words[j] = load_word(vh + 32 * j);
                 }
 #pragma unroll
             for (int j = 0; j < PER_LANE; j++)
                 if (lane + 32 * j < HD) {
-                    sh.k_row[lane + 32 * j] = tk[j];
-                    v_cache[row + lane + 32 * j] = from_float<KV>(tv[j]);
+                    sh.k_row[lane + 32 * j] = value_when(k_words[j], kh + 32 * j, qkv_flag);
+                    v_cache[row + lane + 32 * j] = from_float<KV>(value_when(v_words[j], vh + 32 * j, qkv_flag));
                 }
-            __syncwarp();
-            norm_rope_head<KV>(sh.k_row, k_norm, HD, pos, p.theta, p.eps, k_cache + row, k_scale, inv_freq);
         }
+        copy_vector_wait();
+        // the queries: q_norm, RoPE, times the softmax scale; the new key: k_norm and RoPE, k / k_scale stored at row pos
+        for (int g = warp; g < heads.count; g += DECODE_WARPS) {
+            norm_rope_head<KV>(sh.attend.q[g], q_norm ? sh.q_norm : nullptr, HD, pos, p.theta, p.eps, nullptr, 1.f, inv_freq);
+            __syncwarp();
+            for (int i = lane; i < HD; i += 32) sh.attend.q[g][i] *= scale;
+        }
+        if (new_row)
+            norm_rope_head<KV>(sh.k_row, k_norm ? sh.k_norm : nullptr, HD, pos, p.theta, p.eps, k_cache + row, k_scale, inv_freq);
         __syncthreads();  // the queries and the block's own cache row are written
-        attend_chunk<KV, HD, G, DECODE_WARPS>(sh.attend, p.scratch, k_cache, v_cache, kv_head, heads, chunk, len, n_chunks,
-                                p.n_kv_heads);
-        // the last item of the KV head to finish: its query heads' partials merged into att
-        if (arrive_last(&items_done[kv_head], n_active * n_sub)) {
-            for (int h = kv_head * group; h < (kv_head + 1) * group; h++)
-                merge_head(p.att + (size_t)h * HD, p.scratch + (size_t)h * n_chunks * (HD + 2), len, n_chunks, HD);
-            publish(p.sync + (size_t)l * SYNC_PER_LAYER + SYNC_ATT);
-        }
+        attend_chunk<KV, HD, G, DECODE_WARPS>(sh.attend,
+                                              [&](size_t i, float value) { publish(pub.partials + i, value, partials_flag); },
+                                              k_cache, v_cache, kv_head, heads, chunk, len, n_chunks, p.n_kv_heads);
+        // chunk 0's item: its heads merged from every active chunk's partials into att
+        if (chunk == 0)
+            merge_heads(PublishedPartials{pub.partials, partials_flag},
+                        [&](int h, int d, float value) { publish(pub.att + (size_t)h * HD + d, value, flag_of(p, l, PUB_ATT)); },
+                        heads.h0, heads.count, &sh.m_chunk[0][0], &sh.l_chunk[0][0], len, n_chunks, HD);
     }
 }
 
@@ -449,7 +489,7 @@ __device__ void attention_phase(const DecodeStep& p, int l, int pos, AttentionSh
 
 // Dynamic shared memory: the warps' stages, then the work area (work_floats: the input vector of a
 // phase, max(dim, q_dim, hidden_dim) floats, or in phase 2 the attention state), then dim floats for
-// the RMSNorm weights.
+// the RMSNorm weights, then the block's rows of x (ceil(dim / blocks) floats).
 template <typename W, typename KV, int HD, int G>
 __global__ void __launch_bounds__(DECODE_THREADS, 1)
 decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result, int stage_bytes, int work_floats) {
@@ -472,6 +512,10 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(s.policy));
     float* v = reinterpret_cast<float*>(smem + (size_t)DECODE_WARPS * WARP_STAGES * stage_bytes);
     float* norm = v + work_floats;  // (dim) the RMSNorm weights of the next norm
+    const Span own = block_span(D);
+    float* x_own = norm + D;        // (own.end - own.begin) the block's rows of the residual stream
+    Published pub;
+    published_words(p, &pub);
     AttentionShared<HD, G>& att_sh = *reinterpret_cast<AttentionShared<HD, G>*>(v);
     if (threadIdx.x % 32 == 0) {
         for (int i = 0; i < WARP_STAGES; i++)
@@ -483,10 +527,8 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     s.more = next_piece<W>(p, s.consume_at, stage_bytes, s.next);
     for (int i = 0; i < WARP_STAGES; i++) issue_next<W>(p, s);  // the weights stream in from here on
 
-    // 0. x = embedding[token]: every block keeps it (layer 0's rmsnorm needs all of it) and stores the
-    //    rows of x it owns
+    // 0. x = embedding[token]: every block keeps it (layer 0's rmsnorm needs all of it) and its own rows
     const size_t embedding_row = (size_t)token * D;
-    const Span own = block_span(D);
     for (int i0 = threadIdx.x; i0 < D; i0 += blockDim.x * BATCH) {
         float e[BATCH];
 #pragma unroll
@@ -498,53 +540,51 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
             const int i = i0 + j * blockDim.x;
             if (i < D) {
                 v[i] = e[j];
-                if (i >= own.begin && i < own.end) p.x[i] = v[i];
+                if (i >= own.begin && i < own.end) x_own[i - own.begin] = e[j];
             }
         }
     }
+    // x_own[row] += dot, published with the flag of phase `phase` of layer l (the residual adds of 3 and 5)
+    auto add_to_x = [&](int l, int phase) {
+        return [&, l, phase](int row, float dot, float) {
+            const float x = x_own[row - own.begin] += dot;
+            publish(pub.x + row, x, flag_of(p, l, phase));
+        };
+    };
     for (int l = 0; l < L; l++) {
-        unsigned* sync = p.sync + (size_t)l * SYNC_PER_LAYER;
         // 1. qkv = wqkv . rmsnorm(x) + bqkv
         copy_vector_async(norm, p.rms_att + (size_t)l * D, D);
-        if (l > 0) {
-            wait_for(sync - SYNC_PER_LAYER + SYNC_DOWN, gridDim.x);
-            load_vector(v, p.x, D);
-        }
+        if (l > 0) load_published(v, pub.x, D, flag_of(p, l - 1, PUB_X_OUT));
         copy_vector_wait();
         rmsnorm_in_place(v, norm, D, p.eps);
         const float* bias = p.bqkv ? p.bqkv + (size_t)l * (q_dim + 2 * p.n_kv_heads * HD) : nullptr;
-        stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_QKV, v,
-                                [&](int row, float dot, float) { p.qkv[row] = dot + (bias ? bias[row] : 0.f); });
-        publish(sync + SYNC_QKV);
+        stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_QKV, v, [&](int row, float dot, float) {
+            publish(pub.qkv + row, dot + (bias ? bias[row] : 0.f), flag_of(p, l, PUB_QKV));
+        });
         // 2. att = attention(rope(qk_norm(q)), K, V), with rope(k_norm(k)) / k_scale and v stored at row pos
-        wait_for(sync + SYNC_QKV, gridDim.x);
-        attention_phase<KV, HD, G>(p, l, pos, att_sh, inv_freq);
+        __syncthreads();  // the work area becomes the attention's
+        attention_phase<KV, HD, G>(p, pub, l, pos, att_sh, inv_freq);
         // 3. x += wo . att
-        wait_for(sync + SYNC_ATT, p.n_kv_heads);
-        load_vector(v, p.att, q_dim);
-        stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_O, v,
-                                [&](int row, float dot, float) { p.x[row] = __ldcg(p.x + row) + dot; });
-        publish(sync + SYNC_O);
+        load_published(v, pub.att, q_dim, flag_of(p, l, PUB_ATT));
+        stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_O, v, add_to_x(l, PUB_X_MID));
         // 4. h = silu(gate . rmsnorm(x)) * (up . rmsnorm(x))
         copy_vector_async(norm, p.rms_ffn + (size_t)l * D, D);
-        wait_for(sync + SYNC_O, gridDim.x);
-        load_vector(v, p.x, D);
+        __syncthreads();  // every warp is done with att
+        load_published(v, pub.x, D, flag_of(p, l, PUB_X_MID));
         copy_vector_wait();
         rmsnorm_in_place(v, norm, D, p.eps);
-        stream_matrix<W, true>(p, s, l * MATS_PER_LAYER + MAT_GATE_UP, v,
-                               [&](int i, float gate, float up) { p.h[i] = gate / (1.f + expf(-gate)) * up; });
-        publish(sync + SYNC_GATE_UP);
+        stream_matrix<W, true>(p, s, l * MATS_PER_LAYER + MAT_GATE_UP, v, [&](int i, float gate, float up) {
+            publish(pub.h + i, gate / (1.f + expf(-gate)) * up, flag_of(p, l, PUB_H));
+        });
         // 5. x += w_down . h
-        wait_for(sync + SYNC_GATE_UP, gridDim.x);
-        load_vector(v, p.h, p.hidden_dim);
-        stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_DOWN, v,
-                                [&](int row, float dot, float) { p.x[row] = __ldcg(p.x + row) + dot; });
-        publish(sync + SYNC_DOWN);
+        __syncthreads();  // every warp is done with rmsnorm(x)
+        load_published(v, pub.h, p.hidden_dim, flag_of(p, l, PUB_H));
+        stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_DOWN, v, add_to_x(l, PUB_X_OUT));
+        __syncthreads();  // every warp is done with h
     }
     // 6. logits = lm_head . rmsnorm(x), and their argmax (-1 if any logit is NaN or inf, as argmax_gpu)
     copy_vector_async(norm, p.rms_final, D);
-    wait_for(p.sync + (size_t)(L - 1) * SYNC_PER_LAYER + SYNC_DOWN, gridDim.x);
-    load_vector(v, p.x, D);
+    load_published(v, pub.x, D, flag_of(p, L - 1, PUB_X_OUT));
     copy_vector_wait();
     rmsnorm_in_place(v, norm, D, p.eps);
     float best = -INFINITY;
@@ -557,11 +597,10 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     });
     const ArgmaxPartials partials = {decode_block_max, decode_block_argmax, decode_block_nonfinite};
     store_block_argmax(partials, best, best_index, nonfinite);
-    const size_t n_sync = sync_words(L, p.n_kv_heads);
-    if (arrive_last(p.sync + n_sync - 1, gridDim.x)) {  // the last block: every other one is done
+    if (arrive_last(p.blocks_done, gridDim.x)) {  // the last block: every other one is done
         const int next = reduce_block_argmax(partials, gridDim.x);
-        for (size_t i = threadIdx.x; i < n_sync; i += blockDim.x) p.sync[i] = 0;  // for the next step
         if (threadIdx.x == 0) {  // the argmax (no copies are in flight now: the fence is cheap)
+            *p.blocks_done = 0;  // for the next step
             p.io[0] = next;
             p.io[1] = pos + 1;
             p.io[2] = next;
@@ -575,9 +614,9 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
 
 struct DecodeLaunch { int stage_bytes, blocks, work_floats; size_t smem; };
 
-// The stages for this shape: the shared memory left beside the work area, split evenly over the
-// warps' stages. A stage must hold GROUP_ROWS rows of a 256-column stretch (else stage_bytes is 0:
-// the shape does not fit).
+// The stages for this shape: the shared memory left beside the work area, the norm weights and the
+// block's rows of x, split evenly over the warps' stages. A stage must hold GROUP_ROWS rows of a
+// 256-column stretch (else stage_bytes is 0: the shape does not fit).
 template <typename W, typename KV, int HD, int G>
 static DecodeLaunch decode_launch(const DecodeStep* p) {
     auto kernel = decode_step_kernel<W, KV, HD, G>;
@@ -590,13 +629,14 @@ static DecodeLaunch decode_launch(const DecodeStep* p) {
     CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
     const size_t work = (std::max((size_t)std::max({p->dim, q_dim, p->hidden_dim}) * sizeof(float),
                                   sizeof(AttentionShared<HD, G>)) + 15) / 16 * 16;
-    const long room = (long)optin - (long)attributes.sharedSizeBytes - (long)work - (long)p->dim * 4;
     DecodeLaunch c;
+    c.blocks = std::min(sms, MAX_DECODE_BLOCKS);
+    const size_t rest = work + (size_t)p->dim * 4 + (size_t)(p->dim + c.blocks - 1) / c.blocks * 4;  // + norm, own rows of x
+    const long room = (long)optin - (long)attributes.sharedSizeBytes - (long)rest;
     c.work_floats = (int)(work / sizeof(float));
     c.stage_bytes = room > 0 ? (int)(room / (DECODE_WARPS * WARP_STAGES) / 128 * 128) : 0;
     if (c.stage_bytes < GROUP_ROWS * (256 * (int)sizeof(W) + (is_int8<W> ? scale_slot(256) : 0))) c.stage_bytes = 0;
-    c.smem = (size_t)DECODE_WARPS * WARP_STAGES * c.stage_bytes + work + (size_t)p->dim * 4;
-    c.blocks = std::min(sms, MAX_DECODE_BLOCKS);
+    c.smem = (size_t)DECODE_WARPS * WARP_STAGES * c.stage_bytes + rest;
     return c;
 }
 
@@ -665,13 +705,20 @@ static int dispatch_decode(const DecodeStep* p, bool launch, int token, int pos,
     return stages;
 }
 
-extern "C" size_t decode_sync_words(int n_layers, int n_kv_heads) { return sync_words(n_layers, n_kv_heads); }
+extern "C" size_t decode_published_words(const DecodeStep* step) { return published_words(*step, nullptr); }
 
 extern "C" int decode_step_stage_bytes(const DecodeStep* step) {
     return dispatch_decode(step, false, 0, 0, nullptr, nullptr);
 }
 
-extern "C" void decode_step_gpu(const DecodeStep* step, int token, int pos, int* result, cudaStream_t stream) {
+extern "C" void decode_step_gpu(DecodeStep* step, int token, int pos, int* result, cudaStream_t stream) {
+    // a new epoch, so new flags; before the flags would wrap around, the words go back to zero (a flag
+    // no step uses: epochs start at 1)
+    if (step->epoch >= UINT32_MAX / flags_per_step(step->n_layers) - 1) {
+        CUDA_CHECK(cudaMemsetAsync(step->published, 0, decode_published_words(step) * sizeof(uint64_t), stream));
+        step->epoch = 0;
+    }
+    step->epoch++;
     if (dispatch_decode(step, true, token, pos, result, stream) == 0) {
         fprintf(stderr, "error: decode_step_gpu: this shape does not fit the persistent kernel (decode_step_stage_bytes)\n");
         exit(1);

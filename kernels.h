@@ -80,25 +80,24 @@ typedef struct {
     const void *embedding_scales, *wqkv_scales, *wo_scales, *w_gate_up_scales, *w_down_scales, *lm_head_scales;
     void* k_cache;          // (n_layers, seq_len, n_kv_heads, head_dim), kv_dtype
     void* v_cache;          // (n_layers, seq_len, n_kv_heads, head_dim), kv_dtype
-    float* x;               // (dim) residual stream
-    float* qkv;             // (qkv_dim)
-    float* att;             // (q_dim)
-    float* h;               // (hidden_dim)
     float* logits;          // (vocab_size)
-    float* scratch;         // attention_scratch_floats() floats
-    unsigned* sync;         // decode_sync_words() counters, zero before the first step (a step leaves them zero)
+    // what the kernel's blocks pass each other: decode_published_words() (value, flag) words, zero
+    // before the first step, and a counter, zero before the first step (a step leaves it zero)
+    unsigned long long* published;
+    unsigned* blocks_done;
+    unsigned epoch;         // the number of the step, decode_step_gpu's: zero before the first
     int* io;                // (3) a step leaves (argmax, its position + 1, argmax): the next greedy step's input
     int dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, seq_len, wdtype, kv_dtype;
     float theta, eps;
 } DecodeStep;
-size_t decode_sync_words(int n_layers, int n_kv_heads);
+size_t decode_published_words(const DecodeStep* step);
 // The bytes of each of the kernel's weight stages for this shape; 0 if the shape does not fit the kernel.
 int decode_step_stage_bytes(const DecodeStep* step);
 // One step for `token` at `pos`, or with token < 0 for io's token and position (the step before's
 // argmax: greedy decoding enqueues the next step before the host has read this one's). The argmax
 // (-1 if a logit is NaN or inf) goes to *result (host-mapped memory, read after the step) and io.
 // The step's blocks wait for each other: one step at a time, on one stream.
-void decode_step_gpu(const DecodeStep* step, int token, int pos, int* result, cudaStream_t stream);
+void decode_step_gpu(DecodeStep* step, int token, int pos, int* result, cudaStream_t stream);
 
 // ---- prefill: T = n_tokens prompt tokens at once, matrix products on the tensor cores ----
 // matmul.cu: out (n_tokens, rows) (+)= x (n_tokens, cols) . w (rows, cols)^T + bias (rows, or NULL).

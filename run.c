@@ -648,23 +648,29 @@ static void init_decode(Model* m) {
     struct Gpu* g = m->gpu;
     const Layout* o = &m->at;
     g->decode = (DecodeStep){
-        on_gpu(m, o->embedding), on_gpu(m, o->rms_att), on_gpu(m, o->rms_ffn), on_gpu(m, o->q_norm),
-        on_gpu(m, o->k_norm), m->use_k_scale ? on_gpu(m, o->k_scale) : NULL, on_gpu(m, o->bqkv), on_gpu(m, o->wqkv),
-        on_gpu(m, o->wo), on_gpu(m, o->w_gate_up), on_gpu(m, o->w_down), on_gpu(m, o->rms_final),
-        on_gpu(m, o->lm_head), on_gpu(m, o->embedding_scales), on_gpu(m, o->wqkv_scales), on_gpu(m, o->wo_scales),
-        on_gpu(m, o->w_gate_up_scales), on_gpu(m, o->w_down_scales), on_gpu(m, o->lm_head_scales),
-        g->key_cache, g->value_cache, g->x, g->qkv, g->att, g->hb, g->logits, g->scratch,
-        NULL, g->io, c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size,
-        m->seq_len, c->wdtype, g->kv_dtype, c->rope_theta, c->eps};
+        .embedding = on_gpu(m, o->embedding), .rms_att = on_gpu(m, o->rms_att), .rms_ffn = on_gpu(m, o->rms_ffn),
+        .q_norm = on_gpu(m, o->q_norm), .k_norm = on_gpu(m, o->k_norm),
+        .k_scale = m->use_k_scale ? on_gpu(m, o->k_scale) : NULL, .bqkv = on_gpu(m, o->bqkv),
+        .wqkv = on_gpu(m, o->wqkv), .wo = on_gpu(m, o->wo), .w_gate_up = on_gpu(m, o->w_gate_up),
+        .w_down = on_gpu(m, o->w_down), .rms_final = on_gpu(m, o->rms_final), .lm_head = on_gpu(m, o->lm_head),
+        .embedding_scales = on_gpu(m, o->embedding_scales), .wqkv_scales = on_gpu(m, o->wqkv_scales),
+        .wo_scales = on_gpu(m, o->wo_scales), .w_gate_up_scales = on_gpu(m, o->w_gate_up_scales),
+        .w_down_scales = on_gpu(m, o->w_down_scales), .lm_head_scales = on_gpu(m, o->lm_head_scales),
+        .k_cache = g->key_cache, .v_cache = g->value_cache, .logits = g->logits, .io = g->io,
+        .dim = c->dim, .hidden_dim = c->hidden_dim, .n_layers = c->n_layers, .n_heads = c->n_heads,
+        .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim, .vocab_size = c->vocab_size, .seq_len = m->seq_len,
+        .wdtype = c->wdtype, .kv_dtype = g->kv_dtype, .theta = c->rope_theta, .eps = c->eps};
     if (decode_step_stage_bytes(&g->decode) == 0) {
         fprintf(stderr, "[decode: this shape's rows do not fit the persistent kernel's shared memory; "
                 "running the chain of kernels (-a 0)]\n");
         g->fused = 0;
         return;
     }
-    size_t words = decode_sync_words(c->n_layers, c->n_kv_heads);
-    g->decode.sync = gpu_alloc(words * sizeof(unsigned), "decode counters");
-    CUDA_CHECK(cudaMemset(g->decode.sync, 0, words * sizeof(unsigned)));
+    size_t words = decode_published_words(&g->decode);
+    g->decode.published = gpu_alloc(words * sizeof(unsigned long long), "decode activations");
+    CUDA_CHECK(cudaMemset(g->decode.published, 0, words * sizeof(unsigned long long)));
+    g->decode.blocks_done = gpu_alloc(sizeof(unsigned), "decode counter");
+    CUDA_CHECK(cudaMemset(g->decode.blocks_done, 0, sizeof(unsigned)));
     CUDA_CHECK(cudaHostAlloc((void**)&g->results, 2 * sizeof(int), cudaHostAllocMapped));
     CUDA_CHECK(cudaHostGetDevicePointer((void**)&g->results_dev, g->results, 0));
     for (int i = 0; i < 2; i++) CUDA_CHECK(cudaEventCreateWithFlags(&g->done[i], cudaEventDisableTiming));
