@@ -398,7 +398,6 @@ __device__ __forceinline__ void rmsnorm_in_place(float* v, const float* weight, 
 template <int HD, int G> struct AttentionShared {
     AttendShared<HD, G, DECODE_WARPS> attend;
     float k_row[HD];                                  // the new key, normalised and rotated
-    float q_norm[HD], k_norm[HD];                     // the layer's QK-norm weights
     float m_chunk[G][ATT_MAX_CHUNKS], l_chunk[G][ATT_MAX_CHUNKS];  // the merge's (merge_heads)
 };
 
@@ -431,12 +430,10 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
     for (int item = blockIdx.x; item < n_active * per_chunk; item += gridDim.x) {
         const int chunk = item / per_chunk, kv_head = item % per_chunk / n_sub;
         const ServedHeads heads = served_heads<G>(kv_head, item % n_sub, p.n_heads, p.n_kv_heads);
-        // the norm weights copied in while the warps wait for the served queries (a warp per head),
-        // and in the chunk holding row pos for the new k and v (v is stored there at once)
-        if (q_norm) copy_vector_async(sh.q_norm, q_norm, HD);
-        if (k_norm) copy_vector_async(sh.k_norm, k_norm, HD);
+        // the served queries: q_norm, RoPE, times the softmax scale (a warp per head)
         constexpr int PER_LANE = (HD + 31) / 32;
         for (int g = warp; g < heads.count; g += DECODE_WARPS) {
+            float* qg = sh.attend.q[g];
             const uint64_t* qh = q + (size_t)(heads.h0 + g) * HD + lane;
             uint64_t words[PER_LANE];
 #pragma unroll
@@ -444,11 +441,15 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
                 if (lane + 32 * j < HD) words[j] = load_word(qh + 32 * j);
 #pragma unroll
             for (int j = 0; j < PER_LANE; j++)
-                if (lane + 32 * j < HD) sh.attend.q[g][lane + 32 * j] = value_when(words[j], qh + 32 * j, qkv_flag);
+                if (lane + 32 * j < HD) qg[lane + 32 * j] = value_when(words[j], qh + 32 * j, qkv_flag);
+            __syncwarp();
+            norm_rope_head<KV>(qg, q_norm, HD, pos, p.theta, p.eps, nullptr, 1.f, inv_freq);
+            __syncwarp();
+            for (int i = lane; i < HD; i += 32) qg[i] *= scale;
         }
-        const bool new_row = chunk == n_active - 1 && warp == DECODE_WARPS - 1;
-        const size_t row = ((size_t)pos * p.n_kv_heads + kv_head) * HD;
-        if (new_row) {
+        // the chunk holding row pos: k_norm and RoPE of the new key; k / k_scale and v stored there
+        if (chunk == n_active - 1 && warp == DECODE_WARPS - 1) {
+            const size_t row = ((size_t)pos * p.n_kv_heads + kv_head) * HD;
             const uint64_t *kh = k + (size_t)kv_head * HD + lane, *vh = v + (size_t)kv_head * HD + lane;
             uint64_t k_words[PER_LANE], v_words[PER_LANE];
 #pragma unroll
@@ -463,16 +464,9 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
                     sh.k_row[lane + 32 * j] = value_when(k_words[j], kh + 32 * j, qkv_flag);
                     v_cache[row + lane + 32 * j] = from_float<KV>(value_when(v_words[j], vh + 32 * j, qkv_flag));
                 }
-        }
-        copy_vector_wait();
-        // the queries: q_norm, RoPE, times the softmax scale; the new key: k_norm and RoPE, k / k_scale stored at row pos
-        for (int g = warp; g < heads.count; g += DECODE_WARPS) {
-            norm_rope_head<KV>(sh.attend.q[g], q_norm ? sh.q_norm : nullptr, HD, pos, p.theta, p.eps, nullptr, 1.f, inv_freq);
             __syncwarp();
-            for (int i = lane; i < HD; i += 32) sh.attend.q[g][i] *= scale;
+            norm_rope_head<KV>(sh.k_row, k_norm, HD, pos, p.theta, p.eps, k_cache + row, k_scale, inv_freq);
         }
-        if (new_row)
-            norm_rope_head<KV>(sh.k_row, k_norm ? sh.k_norm : nullptr, HD, pos, p.theta, p.eps, k_cache + row, k_scale, inv_freq);
         __syncthreads();  // the queries and the block's own cache row are written
         attend_chunk<KV, HD, G, DECODE_WARPS>(sh.attend,
                                               [&](size_t i, float value) { publish(pub.partials + i, value, partials_flag); },
