@@ -31,8 +31,11 @@ attention_chunk_kernel(float* scratch, const float* q, const KV* k_cache, const 
     for (int i = threadIdx.x; i < heads.count * HD; i += blockDim.x)
         sh.q[i / HD][i % HD] = q[(size_t)heads.h0 * HD + i] * scale;
     __syncthreads();
-    attend_chunk<KV, HD, G, ATT_WARPS>(sh, [&](size_t i, float value) { scratch[i] = value; }, k_cache, v_cache, kv_head,
-                                       heads, chunk, len, n_chunks, n_kv_heads);
+    attend_chunk<KV, HD, G, ATT_WARPS>(sh, [&](int h, int d, float m, float l, float acc) {
+        float* partial = scratch + partial_at(h, chunk, n_chunks, HD);
+        if (d == 0) { partial[0] = m; partial[1] = l; }
+        partial[2 + d] = acc;
+    }, k_cache, v_cache, kv_head, heads, chunk, len, n_chunks, n_kv_heads);
 }
 
 // out (n_heads, hd); one block per head

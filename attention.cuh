@@ -56,16 +56,22 @@ __device__ __forceinline__ float rescale_factor(float m, float m_new) {  // exp(
     return m == -INFINITY ? 0.f : expf(m - m_new);
 }
 
+// Where the partial of query head h over chunk c lies in the scratch of attention_scratch_floats():
+// (m, l, acc[hd]) from partial_at(h, c, ...) on.
+__host__ __device__ __forceinline__ size_t partial_at(int h, int c, int n_chunks, int hd) {
+    return ((size_t)h * n_chunks + c) * (hd + 2);
+}
+
 // One block of WARPS warps: the chunk `chunk` of KV head kv_head for the served heads (sh.q holds their queries, times
-// scale); caches (seq_len, n_kv_heads, HD); len = rows attended (pos + 1); stores the partials,
-// store(i, value) with i = (head * n_chunks + chunk) * (HD + 2) + (0: m, 1: l, 2 + d: acc[d]), the
-// index in the scratch of attention_scratch_floats(). The caller skips chunks that start past len.
-// Lanes: as AttendLoads; each lane keeps the softmax state of its 8 dims for every served head.
+// scale); caches (seq_len, n_kv_heads, HD); len = rows attended (pos + 1). Its partials go to
+// result(head, d, m, l, acc[d]), once for each served head and d (the callers store them at
+// partial_at(head, chunk, ...)). The caller skips chunks that start past len. Lanes: as AttendLoads;
+// each lane keeps the softmax state of its 8 dims for every served head.
 // The cache is read through L2 (common.cuh, VIA_L2): in the persistent decode kernel, row len - 1 was
 // stored by this block a moment before, where the read-only path (__ldg) is undefined. The chain's
 // chunk kernel runs the same loads; a block reads each of its rows once, so skipping L1 costs nothing.
-template <typename KV, int HD, int G, int WARPS, typename Store>
-__device__ void attend_chunk(AttendShared<HD, G, WARPS>& sh, Store store, const KV* k_cache, const KV* v_cache,
+template <typename KV, int HD, int G, int WARPS, typename Result>
+__device__ void attend_chunk(AttendShared<HD, G, WARPS>& sh, Result result, const KV* k_cache, const KV* v_cache,
                              int kv_head, ServedHeads heads, int chunk, int len, int n_chunks, int n_kv_heads) {
     constexpr int LPR = AttendLoads<HD, G>::LPR, RPW = AttendLoads<HD, G>::RPW, U = AttendLoads<HD, G>::U;
     const int rows = attention_chunk_rows(len, n_chunks), start = chunk * rows;
@@ -183,9 +189,7 @@ __device__ void attend_chunk(AttendShared<HD, G, WARPS>& sh, Store store, const 
             l_all += sh.l[w][g] * f;
             a_all += sh.acc[w][g][d] * f;
         }
-        const size_t part = ((size_t)(heads.h0 + g) * n_chunks + chunk) * (HD + 2);
-        if (d == 0) { store(part, m_all); store(part + 1, l_all); }
-        store(part + 2 + d, a_all);
+        result(heads.h0 + g, d, m_all, l_all, a_all);
     }
     __syncthreads();  // sh is reused by the block's next work item
 }
@@ -202,7 +206,7 @@ __device__ __forceinline__ void merge_heads(const Partials& partials, Out out, i
                                             float* l_chunk, int len, int n_chunks, int hd) {
     constexpr int BATCH = 16;
     const int rows = attention_chunk_rows(len, n_chunks), n_active = (len + rows - 1) / rows;
-    auto part = [&](int g, int c) { return ((size_t)(h0 + g) * n_chunks + c) * (hd + 2); };
+    auto part = [&](int g, int c) { return partial_at(h0 + g, c, n_chunks, hd); };
     for (int i = threadIdx.x; i < count * n_active; i += blockDim.x) {
         const int g = i / n_active, c = i % n_active;
         const auto m_word = partials.fetch(part(g, c)), l_word = partials.fetch(part(g, c) + 1);

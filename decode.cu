@@ -194,20 +194,41 @@ __device__ __forceinline__ ScaleRun piece_scales(const Units<W>& u, const Piece&
 // span of it and the span's end, and the next column of the current group of units.
 struct Cursor { int matrix, unit, end, col; };
 
+// The kinds of matrix: MAT_QKV .. MAT_DOWN, and the LM head
+constexpr int MAT_KINDS = MATS_PER_LAYER + 1;
+__device__ __forceinline__ int matrix_kind(const DecodeStep& p, int matrix) {
+    return matrix >= p.n_layers * MATS_PER_LAYER ? MATS_PER_LAYER : matrix % MATS_PER_LAYER;
+}
+
+// What a warp's stream needs at every piece, worked out once per step (its divisions would otherwise
+// sit on the path of every piece): the warp's span of each kind of matrix (the same in every layer),
+// and the columns a stage holds for a piece of r rows, fit[r].
+struct StreamPlan { Span span[MAT_KINDS]; int fit[GROUP_ROWS + 1]; };
+
+template <typename W>
+__device__ __forceinline__ StreamPlan stream_plan(const DecodeStep& p, int stage_bytes) {
+    StreamPlan plan;
+    for (int kind = 0; kind < MAT_KINDS; kind++)
+        plan.span[kind] = warp_span(matrix_units<W>(p, kind < MATS_PER_LAYER ? kind : p.n_layers * MATS_PER_LAYER).count);
+    // len per row; int8 also scale_slot(len) = len / 16 + 16 bytes of scales for len % 256 == 0
+    for (int r = 1; r <= GROUP_ROWS; r++) {
+        const int row_room = stage_bytes / r;
+        plan.fit[r] = (is_int8<W> ? (row_room - 16) * 16 / 17 : row_room / (int)sizeof(W)) / 256 * 256;
+    }
+    return plan;
+}
+
 // The piece at the cursor, and the cursor moved past it; false at the end of the step's stream.
 template <typename W>
-__device__ __forceinline__ bool next_piece(const DecodeStep& p, Cursor& c, int stage_bytes, Piece& piece) {
+__device__ __forceinline__ bool next_piece(const DecodeStep& p, const StreamPlan& plan, Cursor& c, Piece& piece) {
     while (c.unit >= c.end) {  // on to the next matrix with units for this warp
         if (++c.matrix > p.n_layers * MATS_PER_LAYER) return false;
-        const Span span = warp_span(matrix_units<W>(p, c.matrix).count);
+        const Span span = plan.span[matrix_kind(p, c.matrix)];
         c = {c.matrix, span.begin, span.end, 0};
     }
     const Units<W> u = matrix_units<W>(p, c.matrix);
     const int rows_per_unit = u.up_rows ? 2 : 1, n = min(GROUP_ROWS / rows_per_unit, c.end - c.unit);
-    // the columns a stage holds: len per row, int8 also scale_slot(len) = len / 16 + 16 for len % 256 == 0
-    const int row_room = stage_bytes / (n * rows_per_unit);
-    const int fit = (is_int8<W> ? (row_room - 16) * 16 / 17 : row_room / (int)sizeof(W)) / 256 * 256;
-    piece = {c.matrix, c.unit, n, c.col, min(u.cols - c.col, fit)};
+    piece = {c.matrix, c.unit, n, c.col, min(u.cols - c.col, plan.fit[n * rows_per_unit])};
     c.col += piece.len;
     if (c.col == u.cols) {
         c.col = 0;
@@ -258,6 +279,7 @@ struct WarpStream {
     char* stages;     // WARP_STAGES x stage_bytes
     uint64_t* full;   // (WARP_STAGES)
     int stage_bytes;
+    const StreamPlan* plan;  // shared memory
     Cursor issue_at;  // the next piece to issue...
     int issued;
     Cursor consume_at;  // ...and to consume: `next`, if `more`
@@ -270,7 +292,7 @@ struct WarpStream {
 template <typename W>
 __device__ void issue_next(const DecodeStep& p, WarpStream& s) {
     Piece piece;
-    if (!next_piece<W>(p, s.issue_at, s.stage_bytes, piece)) return;
+    if (!next_piece<W>(p, *s.plan, s.issue_at, piece)) return;
     const int slot = s.issued++ % WARP_STAGES;
     if (threadIdx.x % 32 == 0) {
         const uint32_t bar = smem_addr(&s.full[slot]);
@@ -335,7 +357,7 @@ __device__ void stream_matrix(const DecodeStep& p, WarpStream& s, int matrix, co
         }
         __syncwarp();  // every lane is done with the stage
         s.consumed++;
-        s.more = next_piece<W>(p, s.consume_at, s.stage_bytes, s.next);
+        s.more = next_piece<W>(p, *s.plan, s.consume_at, s.next);
         issue_next<W>(p, s);
     }
 }
@@ -401,21 +423,53 @@ template <int HD, int G> struct AttentionShared {
     float m_chunk[G][ATT_MAX_CHUNKS], l_chunk[G][ATT_MAX_CHUNKS];  // the merge's (merge_heads)
 };
 
+// The attention items of a step (the same in every layer): n_active chunks of chunk_rows rows, of
+// the n_chunks the scratch is laid out for, times per_chunk (KV head, subgroup) items. Chunks are at
+// least one pass of the block's loads long (a longer chunk costs a round trip to L2 per pass, another
+// chunk a merge of its partials).
+struct AttentionItems { int n_sub, per_chunk, n_chunks, chunk_rows, n_active; };
+template <int HD, int G>
+__device__ __forceinline__ AttentionItems attention_items(const DecodeStep& p, int len) {
+    const int group = p.n_heads / p.n_kv_heads, n_sub = (group + G - 1) / G, per_chunk = p.n_kv_heads * n_sub;
+    constexpr int PASS_ROWS = DECODE_WARPS * AttendLoads<HD, G>::RPW * AttendLoads<HD, G>::U;
+    const int n_chunks = max(1, min(min(attention_n_chunks(p.seq_len), (int)gridDim.x / per_chunk), (len + PASS_ROWS - 1) / PASS_ROWS));
+    const int chunk_rows = attention_chunk_rows(len, n_chunks);
+    return {n_sub, per_chunk, n_chunks, chunk_rows, (len + chunk_rows - 1) / chunk_rows};
+}
+
+// Into L2, the cached rows (those of earlier steps) of this block's attention item in layer l: issued
+// a layer ahead, they are there when the item reads them, instead of behind the weight streams in
+// DRAM's queues. The first PREFETCH_ROWS rows of the chunk: at long contexts the later passes
+// overlap, and more would push the other layers' rows out of L2 (256 rows measured slower at 4096).
+constexpr int PREFETCH_ROWS = 128;
+template <typename KV, int HD, int G>
+__device__ void prefetch_item_rows(const DecodeStep& p, int l, int pos) {
+    const AttentionItems it = attention_items<HD, G>(p, pos + 1);
+    if ((int)blockIdx.x >= it.n_active * it.per_chunk) return;
+    const int chunk = blockIdx.x / it.per_chunk, kv_head = blockIdx.x % it.per_chunk / it.n_sub;
+    const int start = chunk * it.chunk_rows, end = min(min(start + it.chunk_rows, pos), start + PREFETCH_ROWS);
+    constexpr int LINES = (HD * (int)sizeof(KV) + 127) / 128;  // 128-byte lines of a row
+    const size_t layer_rows = (size_t)l * p.seq_len * p.n_kv_heads * HD;
+    for (int i = threadIdx.x; i < (end - start) * 2 * LINES; i += blockDim.x) {
+        const int r = start + i / (2 * LINES), line = i % LINES;
+        const KV* cache = (const KV*)((i / LINES) % 2 ? p.v_cache : p.k_cache);
+        const char* at = (const char*)(cache + layer_rows + ((size_t)r * p.n_kv_heads + kv_head) * HD) + line * 128;
+        asm volatile("prefetch.global.L2 [%0];" :: "l"(at));
+    }
+}
+
 // Phase 2 of layer l: the (chunk, KV head, subgroup) items of the active chunks, chunk-major (so at a
 // short context the items spread over the blocks), as the chain's attention_chunk_kernel and
 // qk_norm_rope_kernel compute them, each publishing its partials; then chunk 0's item of each KV head
-// and subgroup merges its heads' partials, as attention_merge_kernel, and publishes them as att.
-// Chunks are at least one pass of the block's loads long (a longer chunk costs a round trip to L2
-// per pass, another chunk a merge of its partials) and at most one item runs per block, so every
-// partial that a merge waits for is being computed by another block at the same time.
+// and subgroup merges its heads' partials, as attention_merge_kernel, and publishes them as att. At
+// most one item runs per block, so every partial that a merge waits for is being computed by another
+// block at the same time. The item's rows of the next layer are then prefetched into L2.
 template <typename KV, int HD, int G>
 __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l, int pos, AttentionShared<HD, G>& sh,
                                 const float* inv_freq) {
-    const int group = p.n_heads / p.n_kv_heads, n_sub = (group + G - 1) / G, per_chunk = p.n_kv_heads * n_sub;
-    constexpr int PASS_ROWS = DECODE_WARPS * AttendLoads<HD, G>::RPW * AttendLoads<HD, G>::U;
     const int len = pos + 1;
-    const int n_chunks = max(1, min(min(attention_n_chunks(p.seq_len), (int)gridDim.x / per_chunk), (len + PASS_ROWS - 1) / PASS_ROWS));
-    const int chunk_rows = attention_chunk_rows(len, n_chunks), n_active = (len + chunk_rows - 1) / chunk_rows;
+    const AttentionItems it = attention_items<HD, G>(p, len);
+    const int n_sub = it.n_sub, per_chunk = it.per_chunk, n_chunks = it.n_chunks, n_active = it.n_active;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const size_t layer_rows = (size_t)l * p.seq_len * p.n_kv_heads * HD;
     KV* k_cache = (KV*)p.k_cache + layer_rows;
@@ -426,7 +480,7 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
     const uint64_t* q = pub.qkv;
     const uint64_t* k = q + (size_t)p.n_heads * HD;
     const uint64_t* v = k + (size_t)p.n_kv_heads * HD;
-    const uint32_t qkv_flag = flag_of(p, l, PUB_QKV), partials_flag = flag_of(p, l, PUB_PARTIALS);
+    const uint32_t qkv_flag = flag_of(p, l, PUB_QKV), partials_flag = flag_of(p, l, PUB_PARTIALS), att_flag = flag_of(p, l, PUB_ATT);
     for (int item = blockIdx.x; item < n_active * per_chunk; item += gridDim.x) {
         const int chunk = item / per_chunk, kv_head = item % per_chunk / n_sub;
         const ServedHeads heads = served_heads<G>(kv_head, item % n_sub, p.n_heads, p.n_kv_heads);
@@ -468,15 +522,18 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
             norm_rope_head<KV>(sh.k_row, k_norm, HD, pos, p.theta, p.eps, k_cache + row, k_scale, inv_freq);
         }
         __syncthreads();  // the queries and the block's own cache row are written
-        attend_chunk<KV, HD, G, DECODE_WARPS>(sh.attend,
-                                              [&](size_t i, float value) { publish(pub.partials + i, value, partials_flag); },
-                                              k_cache, v_cache, kv_head, heads, chunk, len, n_chunks, p.n_kv_heads);
+        attend_chunk<KV, HD, G, DECODE_WARPS>(sh.attend, [&](int h, int d, float m, float l_sum, float acc) {
+            uint64_t* partial = pub.partials + partial_at(h, chunk, n_chunks, HD);
+            if (d == 0) { publish(partial, m, partials_flag); publish(partial + 1, l_sum, partials_flag); }
+            publish(partial + 2 + d, acc, partials_flag);
+        }, k_cache, v_cache, kv_head, heads, chunk, len, n_chunks, p.n_kv_heads);
         // chunk 0's item: its heads merged from every active chunk's partials into att
         if (chunk == 0)
             merge_heads(PublishedPartials{pub.partials, partials_flag},
-                        [&](int h, int d, float value) { publish(pub.att + (size_t)h * HD + d, value, flag_of(p, l, PUB_ATT)); },
+                        [&](int h, int d, float value) { publish(pub.att + (size_t)h * HD + d, value, att_flag); },
                         heads.h0, heads.count, &sh.m_chunk[0][0], &sh.l_chunk[0][0], len, n_chunks, HD);
     }
+    if (l + 1 < p.n_layers) prefetch_item_rows<KV, HD, G>(p, l + 1, pos);
 }
 
 // ---- the step -----------------------------------------------------------------------------------
@@ -490,6 +547,7 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     extern __shared__ __align__(128) char smem[];
     __shared__ __align__(8) uint64_t full[DECODE_WARPS][WARP_STAGES];
     __shared__ float inv_freq[HD / 2];  // RoPE's, once per step rather than once per attention item
+    __shared__ StreamPlan plans[DECODE_WARPS];
     const int D = p.dim, q_dim = p.n_heads * HD, L = p.n_layers, warp = threadIdx.x / 32;
     // the token and its position: the host's, or the step before's argmax and position + 1 (greedy)
     const int token = host_token >= 0 ? host_token : p.io[0], pos = host_token >= 0 ? host_pos : p.io[1];
@@ -501,6 +559,7 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     s.stages = smem + (size_t)warp * WARP_STAGES * stage_bytes;
     s.full = full[warp];
     s.stage_bytes = stage_bytes;
+    s.plan = &plans[warp];
     s.issue_at = s.consume_at = {-1, 0, 0, 0};
     s.issued = s.consumed = 0;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(s.policy));
@@ -512,14 +571,16 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     published_words(p, &pub);
     AttentionShared<HD, G>& att_sh = *reinterpret_cast<AttentionShared<HD, G>*>(v);
     if (threadIdx.x % 32 == 0) {
+        plans[warp] = stream_plan<W>(p, stage_bytes);
         for (int i = 0; i < WARP_STAGES; i++)
             asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&s.full[i])) : "memory");
         asm volatile("fence.mbarrier_init.release.cluster;\n\tfence.proxy.async.shared::cta;" ::: "memory");
     }
     for (int i = threadIdx.x; i < HD / 2; i += blockDim.x) inv_freq[i] = rope_inv_freq(i, HD, p.theta);
     __syncthreads();
-    s.more = next_piece<W>(p, s.consume_at, stage_bytes, s.next);
+    s.more = next_piece<W>(p, *s.plan, s.consume_at, s.next);
     for (int i = 0; i < WARP_STAGES; i++) issue_next<W>(p, s);  // the weights stream in from here on
+    prefetch_item_rows<KV, HD, G>(p, 0, pos);  // layer 0's attention rows (later layers': phase 2)
 
     // 0. x = embedding[token]: every block keeps it (layer 0's rmsnorm needs all of it) and its own rows
     const size_t embedding_row = (size_t)token * D;
