@@ -84,9 +84,9 @@ constexpr int FA_BQ = 64, FA_BKV = 64, FA_WARPS = 4;
 
 template <int D> constexpr size_t fa_smem_bytes() { return (size_t)(FA_BQ + 4 * FA_BKV) * D * 2; }
 
-template <typename T, int D>
+template <typename T, int D, typename O>
 __global__ void __launch_bounds__(FA_WARPS * 32) attention_prefill_tc_kernel(
-        float* out, const float* qkv, const T* k_cache, const T* v_cache, int pos0, int n_tokens, int n_heads,
+        O* out, const float* qkv, const T* k_cache, const T* v_cache, int pos0, int n_tokens, int n_heads,
         int n_kv_heads, float scale_log2) {
     constexpr int CH = D / 8;  // 16-byte chunks per row
     extern __shared__ uint4 fa_smem[];
@@ -207,10 +207,9 @@ __global__ void __launch_bounds__(FA_WARPS * 32) attention_prefill_tc_kernel(
         const float inv = 1.f / sum;
         const int t = q0 + warp * 16 + lane / 4 + r * 8;
         if (t >= n_tokens) continue;
-        float* dst = out + (size_t)t * out_stride + (size_t)h * D + (lane % 4) * 2;
+        O* dst = out + (size_t)t * out_stride + (size_t)h * D + (lane % 4) * 2;
 #pragma unroll
-        for (int di = 0; di < D / 8; di++)
-            *reinterpret_cast<float2*>(dst + di * 8) = make_float2(o[di][2 * r] * inv, o[di][2 * r + 1] * inv);
+        for (int di = 0; di < D / 8; di++) store2(dst + di * 8, o[di][2 * r] * inv, o[di][2 * r + 1] * inv);
     }
 }
 
@@ -220,8 +219,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32) attention_prefill_tc_kernel(
 // cache type first, so this computes the same function as the tensor-core kernel.
 constexpr int FA_SIMPLE_WARPS = 4, FA_SIMPLE_MAX_DIMS = 8;  // 8 * 32 = head_dim 256
 
-template <typename KV>
-__global__ void attention_prefill_simple_kernel(float* out, const float* qkv, const KV* k_cache, const KV* v_cache,
+template <typename KV, typename O>
+__global__ void attention_prefill_simple_kernel(O* out, const float* qkv, const KV* k_cache, const KV* v_cache,
                                                 int pos0, int n_tokens, int n_heads, int n_kv_heads, int head_dim,
                                                 float scale) {
     const int job = blockIdx.x * FA_SIMPLE_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -254,48 +253,48 @@ __global__ void attention_prefill_simple_kernel(float* out, const float* qkv, co
         }
         m = m_new;
     }
-    float* dst = out + (size_t)t * n_heads * head_dim + (size_t)h * head_dim;
+    O* dst = out + (size_t)t * n_heads * head_dim + (size_t)h * head_dim;
 #pragma unroll
     for (int i = 0; i < FA_SIMPLE_MAX_DIMS; i++) {
         const int d = lane + 32 * i;
-        if (d < head_dim) dst[d] = acc[i] / l;
+        if (d < head_dim) dst[d] = from_float<O>(acc[i] / l);
     }
 }
 
-template <typename T, int D>
-static void launch_attention_tc(float* out, const float* qkv, const void* k_cache, const void* v_cache, int pos0,
+template <typename T, int D, typename O>
+static void launch_attention_tc(O* out, const float* qkv, const void* k_cache, const void* v_cache, int pos0,
                                 int n_tokens, int n_heads, int n_kv_heads, float scale, cudaStream_t stream) {
     static bool configured = false;  // the > 48 KB shared-memory opt-in, once per instantiation
     constexpr size_t smem = fa_smem_bytes<D>();
     if (!configured) {
-        CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_tc_kernel<T, D>,
+        CUDA_CHECK(cudaFuncSetAttribute(attention_prefill_tc_kernel<T, D, O>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         configured = true;
     }
     const dim3 grid((n_tokens + FA_BQ - 1) / FA_BQ, n_heads);
-    attention_prefill_tc_kernel<T, D><<<grid, FA_WARPS * 32, smem, stream>>>(
+    attention_prefill_tc_kernel<T, D, O><<<grid, FA_WARPS * 32, smem, stream>>>(
         out, qkv, (const T*)k_cache, (const T*)v_cache, pos0, n_tokens, n_heads, n_kv_heads,
         scale * 1.4426950408889634f);  // exp(x) = exp2(x log2 e)
 }
 
-template <typename T>
-static void launch_attention(float* out, const float* qkv, const void* k_cache, const void* v_cache, int pos0,
+template <typename T, typename O>
+static void launch_attention(O* out, const float* qkv, const void* k_cache, const void* v_cache, int pos0,
                              int n_tokens, int n_heads, int n_kv_heads, int head_dim, float scale,
                              cudaStream_t stream) {
     const bool aligned = aligned16(qkv) && aligned16(k_cache) && aligned16(v_cache);
     if (aligned && head_dim == 64) {
-        launch_attention_tc<T, 64>(out, qkv, k_cache, v_cache, pos0, n_tokens, n_heads, n_kv_heads, scale, stream);
+        launch_attention_tc<T, 64, O>(out, qkv, k_cache, v_cache, pos0, n_tokens, n_heads, n_kv_heads, scale, stream);
     } else if (aligned && head_dim == 128) {
-        launch_attention_tc<T, 128>(out, qkv, k_cache, v_cache, pos0, n_tokens, n_heads, n_kv_heads, scale, stream);
+        launch_attention_tc<T, 128, O>(out, qkv, k_cache, v_cache, pos0, n_tokens, n_heads, n_kv_heads, scale, stream);
     } else {
         const int jobs = n_tokens * n_heads;
-        attention_prefill_simple_kernel<T><<<(jobs + FA_SIMPLE_WARPS - 1) / FA_SIMPLE_WARPS, FA_SIMPLE_WARPS * 32, 0,
+        attention_prefill_simple_kernel<T, O><<<(jobs + FA_SIMPLE_WARPS - 1) / FA_SIMPLE_WARPS, FA_SIMPLE_WARPS * 32, 0,
                                              stream>>>(out, qkv, (const T*)k_cache, (const T*)v_cache, pos0,
                                                        n_tokens, n_heads, n_kv_heads, head_dim, scale);
     }
 }
 
-extern "C" void attention_prefill_gpu(float* out, const float* qkv, const void* k_cache, const void* v_cache,
+extern "C" void attention_prefill_gpu(void* out, int out_dtype, const float* qkv, const void* k_cache, const void* v_cache,
                                       int kv_dtype, int pos0, int n_tokens, int n_heads, int n_kv_heads,
                                       int head_dim, float scale, cudaStream_t stream) {
     if (head_dim < 2 || head_dim % 2 || head_dim > 32 * FA_SIMPLE_MAX_DIMS || n_kv_heads < 1 ||
@@ -304,15 +303,17 @@ extern "C" void attention_prefill_gpu(float* out, const float* qkv, const void* 
                 head_dim, n_heads, n_kv_heads, n_tokens, pos0);
         exit(1);
     }
-    if (kv_dtype == DT_BF16) {
-        launch_attention<__nv_bfloat16>(out, qkv, k_cache, v_cache, pos0, n_tokens, n_heads, n_kv_heads, head_dim,
-                                        scale, stream);
-    } else if (kv_dtype == DT_F16) {
-        launch_attention<__half>(out, qkv, k_cache, v_cache, pos0, n_tokens, n_heads, n_kv_heads, head_dim, scale,
-                                 stream);
-    } else {
+    if (kv_dtype != DT_BF16 && kv_dtype != DT_F16) {
         fprintf(stderr, "error: attention_prefill_gpu: KV cache dtype %d is not bf16 or fp16\n", kv_dtype);
         exit(1);
     }
+    DISPATCH_ACT(out_dtype, "attention_prefill_gpu", {
+        if (kv_dtype == DT_BF16)
+            launch_attention<__nv_bfloat16>((A*)out, qkv, k_cache, v_cache, pos0, n_tokens, n_heads, n_kv_heads,
+                                            head_dim, scale, stream);
+        else
+            launch_attention<__half>((A*)out, qkv, k_cache, v_cache, pos0, n_tokens, n_heads, n_kv_heads, head_dim,
+                                     scale, stream);
+    });
     CUDA_CHECK(cudaGetLastError());
 }

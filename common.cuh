@@ -30,6 +30,34 @@ void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, c
     CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
 }
 
+// ---- shared-memory barriers for the copy engine ---------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// An mbarrier completes a phase when `count` threads have arrived and the bytes they announced
+// (expect_tx) have landed; waiting on parity P returns once the phase of parity P has completed (on a
+// fresh barrier, parity 1 counts as completed: the phase "before" the first).
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(bar)), "r"(count) : "memory");
+}
+// after the inits, before the barrier that publishes them: visible to the copy engine too
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n\tfence.proxy.async.shared::cta;" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
+    uint32_t done;
+    do {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                     : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+    } while (!done);
+}
+
 // ---- element types ------------------------------------------------------------------------------
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -39,6 +67,17 @@ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ float from_float(float v) { return v; }
+
+// Host: DISPATCH_ACT(dtype, who, body) runs body with A the element type of an activation buffer of
+// dtype DT_F32, DT_BF16 or DT_F16 (kernels.h: matmul_input_dtype); for any other, `who` reports an error.
+#define DISPATCH_ACT(DTYPE, WHO, BODY)                                                             \
+    switch (DTYPE) {                                                                              \
+        case DT_F32: { using A = float; BODY; } break;                                            \
+        case DT_BF16: { using A = __nv_bfloat16; BODY; } break;                                   \
+        case DT_F16: { using A = __half; BODY; } break;                                           \
+        default: fprintf(stderr, "error: %s: activation dtype %d is not fp32, bf16 or fp16\n", WHO, (int)(DTYPE)); exit(1); \
+    }
 
 // Weights of dtype DT_INT8 are int8_t, each block of Q8_BLOCK consecutive weights of a row scaled by
 // one fp16 scale (kernels.h): weight = value * scale.

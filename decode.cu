@@ -237,8 +237,6 @@ __device__ __forceinline__ bool next_piece(const DecodeStep& p, const StreamPlan
     return true;
 }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
 // Global -> shared memory by the copy engine, counted on the stage's mbarrier. The weights are read
 // once per step: evict_first keeps them from pushing the KV cache out of L2.
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint32_t bar, uint64_t policy) {
@@ -295,23 +293,15 @@ __device__ void issue_next(const DecodeStep& p, WarpStream& s) {
     if (!next_piece<W>(p, *s.plan, s.issue_at, piece)) return;
     const int slot = s.issued++ % WARP_STAGES;
     if (threadIdx.x % 32 == 0) {
-        const uint32_t bar = smem_addr(&s.full[slot]);
+        const uint32_t bar = smem_addr(&s.full[slot]);  // bulk_copy takes its shared address
         char* dst = s.stages + (size_t)slot * s.stage_bytes;
         uint32_t bytes = 0;
         piece_runs<W>(p, piece, [&](const void*, uint32_t run_bytes, uint32_t) { bytes += run_bytes; });
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+        mbar_arrive_expect_tx(&s.full[slot], bytes);
         piece_runs<W>(p, piece, [&](const void* src, uint32_t run_bytes, uint32_t offset) {
             bulk_copy(dst + offset, src, run_bytes, bar, s.policy);
         });
     }
-}
-
-__device__ __forceinline__ void wait_stage(uint64_t* full, int parity) {
-    uint32_t done;
-    do {
-        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                     : "=r"(done) : "r"(smem_addr(full)), "r"(parity) : "memory");
-    } while (!done);
 }
 
 // The warp's pieces of matrix `matrix` (its share of the block's units), in the order issue_next()
@@ -326,7 +316,7 @@ __device__ void stream_matrix(const DecodeStep& p, WarpStream& s, int matrix, co
     while (s.more && s.next.matrix == matrix) {
         const Piece piece = s.next;
         const int slot = s.consumed % WARP_STAGES;
-        wait_stage(&s.full[slot], (s.consumed / WARP_STAGES) & 1);
+        mbar_wait(&s.full[slot], (s.consumed / WARP_STAGES) & 1);
         const W* stage = (const W*)(s.stages + (size_t)slot * s.stage_bytes);
         const char* scale_slots = (const char*)(stage + (size_t)piece.n * ROWS * piece.len);  // int8
         const W* rows[GROUP_ROWS];
@@ -572,9 +562,8 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     AttentionShared<HD, G>& att_sh = *reinterpret_cast<AttentionShared<HD, G>*>(v);
     if (threadIdx.x % 32 == 0) {
         plans[warp] = stream_plan<W>(p, stage_bytes);
-        for (int i = 0; i < WARP_STAGES; i++)
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(&s.full[i])) : "memory");
-        asm volatile("fence.mbarrier_init.release.cluster;\n\tfence.proxy.async.shared::cta;" ::: "memory");
+        for (int i = 0; i < WARP_STAGES; i++) mbar_init(&s.full[i], 1);
+        mbar_init_fence();
     }
     for (int i = threadIdx.x; i < HD / 2; i += blockDim.x) inv_freq[i] = rope_inv_freq(i, HD, p.theta);
     __syncthreads();

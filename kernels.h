@@ -1,6 +1,6 @@
 // kernels.h: the CUDA launchers that run.c calls, one per operation. Every pointer is device
 // memory; every launcher is asynchronous on `stream` and checks its own launch. Activations are
-// float32; weights are stored in the checkpoint's dtype (DT_*), the KV cache in bf16 or fp16.
+// float32, except the prefill inputs of matrix products (matmul_input_dtype); weights are stored in the checkpoint's dtype (DT_*), the KV cache in bf16 or fp16.
 // DT_INT8 weights (Q8_0): int8 values, and beside them `scales`, one fp16 scale per 32 consecutive
 // weights of a row, (rows, cols / 32); weight = value * scale. cols % 32 == 0, the int8 rows
 // 16-byte aligned. For the other dtypes the scales pointer is ignored (NULL).
@@ -19,8 +19,9 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_INT8 = 3 };  // same codes as the
     fprintf(stderr, "error: CUDA: %s (%s:%d)\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
     exit(1); } } while (0)
 
-// rmsnorm.cu: out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * weight, for n rows of dim values
-void rmsnorm_gpu(float* out, const float* x, const float* weight, int n, int dim, float eps,
+// rmsnorm.cu: out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * weight, for n rows of dim values;
+// out of out_dtype: DT_F32 (decode), or matmul_input_dtype() (prefill: rounded once, here)
+void rmsnorm_gpu(void* out, int out_dtype, const float* x, const float* weight, int n, int dim, float eps,
                  cudaStream_t stream);
 
 // rope.cu: per-head q_norm/k_norm (skipped when the norm pointers are NULL, as in Qwen2) then
@@ -100,15 +101,33 @@ int decode_step_stage_bytes(const DecodeStep* step);
 void decode_step_gpu(DecodeStep* step, int token, int pos, int* result, cudaStream_t stream);
 
 // ---- prefill: T = n_tokens prompt tokens at once, matrix products on the tensor cores ----
-// matmul.cu: out (n_tokens, rows) (+)= x (n_tokens, cols) . w (rows, cols)^T + bias (rows, or NULL).
-// bf16/fp16 w: tensor cores, x rounded to w's type, fp32 accumulation; int8 w: dequantized to bf16
-// on its way to the tensor cores, x rounded to bf16; fp32 w: CUDA cores. rows and cols multiples
-// of 8 (int8: cols of 32), w and x 16-byte aligned; accumulate adds into out (residual add).
-void matmul_gpu(float* out, const void* w, const void* scales, int wdtype, const float* x, const float* bias,
+// The activations a matrix product reads (the normed x, the attention output, the SwiGLU product)
+// are stored in the type its tensor cores take, so that they are rounded once, where they are made:
+// bf16 for bf16 and int8 weights, fp16 for fp16, fp32 for fp32 (which run on the CUDA cores).
+static inline int matmul_input_dtype(int wdtype) {
+    return wdtype == DT_F32 ? DT_F32 : wdtype == DT_F16 ? DT_F16 : DT_BF16;
+}
+// matmul.cu: out (n_tokens, rows) (+)= x (n_tokens, cols) . w (rows, cols)^T + bias (rows, or NULL),
+// x of matmul_input_dtype(wdtype), fp32 accumulation. bf16/fp16 w: the tensor cores, fed by the copy
+// engine (TMA); int8 w: dequantized to bf16 on its way to the tensor cores; fp32 w: CUDA cores. rows
+// and cols multiples of 8 (int8: cols of 32), w and x 16-byte aligned; accumulate adds into out.
+void matmul_gpu(float* out, const void* w, const void* scales, int wdtype, const void* x, const float* bias,
                 int n_tokens, int rows, int cols, int accumulate, cudaStream_t stream);
-// h (n_tokens, hidden) = silu(gate_up[:, :hidden]) * gate_up[:, hidden:], gate_up (n_tokens, 2*hidden);
-// hidden % 4 == 0.
-void swiglu_gpu(float* h, const float* gate_up, int n_tokens, int hidden, cudaStream_t stream);
+// The same product on the simple tensor-core kernel (cp.async, no warp specialization; fp32 w: CUDA
+// cores as above): the reference the fast one is tested against, and run.c's path with -a 0.
+void matmul_simple_gpu(float* out, const void* w, const void* scales, int wdtype, const void* x, const float* bias,
+                       int n_tokens, int rows, int cols, int accumulate, cudaStream_t stream);
+// nll[t] = logsumexp(l_t) - l_t[targets[t]] for the logits l_t = w . x[t] (vocab of them per token)
+// without storing them: each tile of the product keeps per token row the max, the sum of
+// exponentials and the target's logit, and a second kernel merges the tiles. NaN where a target is
+// outside [0, vocab) or a logit is NaN or +inf. w of dtype bf16, fp16 or int8 (fp32: compute the
+// logits with matmul_gpu and cross_entropy_gpu). scratch: lm_head_loss_scratch_floats() floats.
+size_t lm_head_loss_scratch_floats(int n_tokens, int vocab);
+void lm_head_loss_gpu(float* nll, const void* w, const void* scales, int wdtype, const void* x, const int* targets,
+                      int n_tokens, int vocab, int dim, float* scratch, int simple, cudaStream_t stream);
+// h (n_tokens, hidden) of h_dtype = silu(gate_up[:, :hidden]) * gate_up[:, hidden:], gate_up
+// (n_tokens, 2*hidden) fp32; hidden % 4 == 0.
+void swiglu_gpu(void* h, int h_dtype, const float* gate_up, int n_tokens, int hidden, cudaStream_t stream);
 
 // rope.cu, attention.cu: qkv (n_tokens, (n_heads + 2*n_kv_heads) * head_dim), rows [q | k | v].
 // Per-head q_norm/k_norm (skipped when NULL) then NeoX RoPE at position pos0 + t, in place on q and
@@ -117,11 +136,11 @@ void qk_norm_rope_batch_gpu(float* qkv, const float* q_norm, const float* k_norm
                             void* k_cache, void* v_cache, int kv_dtype, int pos0, int n_tokens,
                             int n_heads, int n_kv_heads, int head_dim, float theta, float eps,
                             cudaStream_t stream);
-// out (n_tokens, n_heads * head_dim) = causal softmax(q . K^T * scale) V: query t (q from qkv rows,
+// out (n_tokens, n_heads * head_dim) of out_dtype = causal softmax(q . K^T * scale) V: query t (q from qkv rows,
 // rounded to kv_dtype) attends cache rows 0 .. pos0 + t; query head h reads KV head
 // h / (n_heads / n_kv_heads). scale = k_scale / sqrt(head_dim). head_dim even, <= 256; 64 and 128
 // run on the tensor cores (flash attention), others on a simple CUDA-core kernel.
-void attention_prefill_gpu(float* out, const float* qkv, const void* k_cache, const void* v_cache,
+void attention_prefill_gpu(void* out, int out_dtype, const float* qkv, const void* k_cache, const void* v_cache,
                            int kv_dtype, int pos0, int n_tokens, int n_heads, int n_kv_heads,
                            int head_dim, float scale, cudaStream_t stream);
 

@@ -1,65 +1,313 @@
 // matmul.cu: the prefill matrix products, out (T, rows) (+)= x (T, cols) . w (rows, cols)^T + bias,
-// on the tensor cores (wgmma, sm_90a, fp32 accumulation), and the batched SwiGLU gate.
-// Both operands are k-major (x rows and w rows are contiguous in k), the layout wgmma reads
-// without a transpose.
+// on the tensor cores (wgmma, sm_90a, fp32 accumulation); the LM head fused with the cross entropy
+// (perplexity without storing the logits); and the batched SwiGLU gate. Both operands are k-major
+// (x rows and w rows are contiguous in k), the layout wgmma reads without a transpose; x is already
+// in the tensor cores' type (kernels.h, matmul_input_dtype).
+//
+// Two kernels compute the product, both in block tiles of 128 tokens x 128 or 256 weight rows:
+//   matmul_tma_kernel, the fast path (bf16, fp16 weights): one producer thread has the copy engine
+//     (TMA) fill a ring of shared-memory stages, two consumer warpgroups run wgmma on them, and
+//     each stage goes back to the producer as soon as its wgmmas are done.
+//   matmul_simple_kernel, the reference, and the path of int8 weights (dequantized in registers):
+//     every thread loads (cp.async), one block barrier per k step.
+// Each warpgroup of either ends with 64 tokens x 128 weight rows per sub-tile in wgmma's accumulator
+// layout and hands them to one epilogue: StoreOut (out = acc + bias, or out += ...) or LossPartials
+// (the LM head's per-row softmax partials).
+#include <cuda.h>  // CUtensorMap and the driver's tensor-map encoder (found at run time: no -lcuda)
+#include <cudaTypedefs.h>
 #include "common.cuh"
 #include "tensor_core.cuh"
 
+// ---- epilogues --------------------------------------------------------------------------------------
+
+// acc[4j + 2h + e] of lane `lane` in warp w of the warpgroup is token t0 + 16 w + lane/4 + 8h, weight
+// row r0 + 8j + 2 (lane % 4) + e (rows % 8 == 0 keeps a pair inside or outside the matrix).
+struct StoreOut {
+    float* out;          // (n_tokens, rows)
+    const float* bias;   // (rows) or NULL
+    int accumulate;      // out += instead of out =
+    __device__ __forceinline__ void operator()(const float (&acc)[64], int t0, int r0, int n_tokens, int rows) const {
+        const int lane = threadIdx.x % 32, warp = threadIdx.x / 32 % 4;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const int r = r0 + j * 8 + (lane % 4) * 2;
+            if (r >= rows) continue;
+            const float2 b = bias ? make_float2(bias[r], bias[r + 1]) : make_float2(0.f, 0.f);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int t = t0 + warp * 16 + lane / 4 + h * 8;
+                if (t >= n_tokens) continue;
+                float2* o = reinterpret_cast<float2*>(out + (size_t)t * rows + r);
+                float2 v = make_float2(acc[4 * j + 2 * h] + b.x, acc[4 * j + 2 * h + 1] + b.y);
+                if (accumulate) { const float2 prev = *o; v.x += prev.x; v.y += prev.y; }
+                *o = v;
+            }
+        }
+    }
+};
+
+// The LM head for perplexity: per token row and 128-row tile of the vocabulary, the max m of the
+// tile's logits and the sum of exp(logit - m) (both NaN if a logit is NaN or +inf), and the target's
+// logit where the target falls in the tile; lm_head_loss_merge_kernel then merges the tiles.
+constexpr int LOSS_TILE = 128;
+struct LossPartials {
+    float2* partials;     // (n_tokens, n_tiles) of (m, sum)
+    float* target_logit;  // (n_tokens)
+    const int* targets;   // (n_tokens)
+    int n_tiles;          // ceil(vocab / LOSS_TILE)
+    __device__ __forceinline__ void operator()(const float (&acc)[64], int t0, int r0, int n_tokens, int rows) const {
+        if (r0 >= rows) return;  // a sub-tile wholly past the vocabulary (same for the whole warpgroup)
+        // acc[4j + i] is token t[i / 2], weight row r0 + 8j + 2 (lane % 4) + i % 2
+        const int lane = threadIdx.x % 32, warp = threadIdx.x / 32 % 4;
+        int t[2], target[2];
+        float m[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
+        int bad[2] = {0, 0};
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            t[h] = t0 + warp * 16 + lane / 4 + h * 8;
+            target[h] = t[h] < n_tokens ? targets[t[h]] : -1;
+        }
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int h = i / 2, r = r0 + j * 8 + (lane % 4) * 2 + i % 2;
+                const float v = acc[4 * j + i];
+                if (r >= rows) continue;
+                m[h] = fmaxf(m[h], v);
+                bad[h] |= !(v < INFINITY);  // NaN or +inf
+                if (r == target[h]) target_logit[t[h]] = v;
+            }
+#pragma unroll
+        for (int h = 0; h < 2; h++) {  // the 4 lanes of a quad hold the row's 128 logits
+            m[h] = fmaxf(m[h], __shfl_xor_sync(0xffffffffu, m[h], 1));
+            m[h] = fmaxf(m[h], __shfl_xor_sync(0xffffffffu, m[h], 2));
+        }
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                if (r0 + j * 8 + (lane % 4) * 2 + i % 2 < rows) sum[i / 2] += expf(acc[4 * j + i] - m[i / 2]);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 1);
+            sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 2);
+            bad[h] |= __shfl_xor_sync(0xffffffffu, bad[h], 1);
+            bad[h] |= __shfl_xor_sync(0xffffffffu, bad[h], 2);
+            if (lane % 4 == 0 && t[h] < n_tokens)
+                partials[(size_t)t[h] * n_tiles + r0 / LOSS_TILE] = bad[h] ? make_float2(NAN, NAN)
+                                                                           : make_float2(m[h], sum[h]);
+        }
+    }
+};
+
+// ---- the fast path: TMA producer, two wgmma consumer warpgroups -----------------------------------
+
+// Tile 128 tokens x BN weight rows x 64 k per stage: a 16 KB x tile and a BN x 128-byte w tile, each
+// in the 128-byte swizzle that wgmma_desc reads (the copy engine writes it). Consumer warpgroup c
+// computes tokens 64c..64c+63 x all BN rows, as BN / 128 wgmma m64n128k16 per k16 step. BN = 256
+// halves the x reads per flop; 128 gives twice the tiles, for products too small to fill the GPU.
+constexpr int TMA_BM = 128, TMA_BK = 64, TMA_THREADS = 384;  // warpgroup 0 produces, 1 and 2 consume
+template <int BN> struct TmaTile {
+    static constexpr int STAGES = BN == 256 ? 4 : 6;  // 192 KB of stages either way
+    static constexpr int X_BYTES = TMA_BM * TMA_BK * 2, STAGE_BYTES = X_BYTES + BN * TMA_BK * 2;
+    static constexpr size_t SMEM = (size_t)STAGES * STAGE_BYTES + 1024;  // + room to align to 1024
+};
+
+// box (64 k x box rows) at (k, row) of the map's matrix into shared memory, counted on bar
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int k, int row, uint64_t* bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3}], [%4];"
+                 :: "r"(smem_addr(dst)), "l"(map), "r"(k), "r"(row), "r"(smem_addr(bar)) : "memory");
+}
+
+// the accumulators stay where the asynchronous wgmmas write them (no copies the compiler would make
+// between their issue and their wait, which serialize the wgmmas)
+template <int N> __device__ __forceinline__ void fence_accumulators(float (&acc)[N][64]) {
+#pragma unroll
+    for (int n = 0; n < N; n++)
+#pragma unroll
+        for (int i = 0; i < 64; i++) fence_operand(acc[n][i]);
+}
+
+template <typename T, int BN, typename Epilogue>
+__global__ void __launch_bounds__(TMA_THREADS, 1) matmul_tma_kernel(const __grid_constant__ CUtensorMap x_map,
+                                                                    const __grid_constant__ CUtensorMap w_map,
+                                                                    Epilogue epilogue, int n_tokens, int rows,
+                                                                    int cols) {
+    using Tile = TmaTile<BN>;
+    extern __shared__ uint8_t tma_smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>(((uintptr_t)tma_smem_raw + 1023) & ~(uintptr_t)1023);
+    __shared__ uint64_t full[Tile::STAGES];   // the stage's bytes have landed
+    __shared__ uint64_t empty[Tile::STAGES];  // the 8 consumer warps are done with the stage
+    const int warpgroup = threadIdx.x / 128, m0 = blockIdx.x * TMA_BM, n0 = blockIdx.y * BN;
+    const int k_tiles = (cols + TMA_BK - 1) / TMA_BK;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < Tile::STAGES; s++) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], 8);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (warpgroup == 0) {
+        // producer: k tile kt into stage kt % STAGES once the consumers have freed it (rows and k
+        // past the matrices arrive as zeros)
+        setmaxnreg_dec<40>();
+        if (threadIdx.x == 0) {
+            for (int kt = 0; kt < k_tiles; kt++) {
+                const int s = kt % Tile::STAGES;
+                mbar_wait(&empty[s], ((kt / Tile::STAGES) & 1) ^ 1);
+                uint8_t* stage = smem + s * Tile::STAGE_BYTES;
+                mbar_arrive_expect_tx(&full[s], Tile::STAGE_BYTES);
+                tma_load_2d(stage, &x_map, kt * TMA_BK, m0, &full[s]);
+                tma_load_2d(stage + Tile::X_BYTES, &w_map, kt * TMA_BK, n0, &full[s]);
+            }
+        }
+    } else {
+        // consumers: the wgmmas of k tile kt run while the stage of kt - 1 goes back to the producer
+        setmaxnreg_inc<232>();
+        const int c = warpgroup - 1;
+        float acc[BN / 128][64];
+#pragma unroll
+        for (int n = 0; n < BN / 128; n++)
+#pragma unroll
+            for (int i = 0; i < 64; i++) acc[n][i] = 0.f;
+        for (int kt = 0; kt < k_tiles; kt++) {
+            const int s = kt % Tile::STAGES;
+            mbar_wait(&full[s], (kt / Tile::STAGES) & 1);
+            const uint8_t* xs = smem + s * Tile::STAGE_BYTES + c * 64 * 128;  // this warpgroup's 64 token rows
+            const uint8_t* ws = smem + s * Tile::STAGE_BYTES + Tile::X_BYTES;
+            fence_accumulators(acc);
+            wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < TMA_BK / 16; ks++)  // k16 step = 32 bytes further into each 128-byte row
+#pragma unroll
+                for (int n = 0; n < BN / 128; n++)
+                    wgmma_m64n128k16<T>(acc[n], wgmma_desc(xs) + 2 * ks, wgmma_desc(ws + n * 128 * 128) + 2 * ks);
+            wgmma_commit();
+            wgmma_wait<1>();  // k tile kt - 1's wgmmas are done
+            fence_accumulators(acc);
+            if (kt > 0 && threadIdx.x % 32 == 0) mbar_arrive(&empty[(kt - 1) % Tile::STAGES]);
+        }
+        wgmma_wait<0>();
+        fence_accumulators(acc);
+#pragma unroll
+        for (int n = 0; n < BN / 128; n++) epilogue(acc[n], m0 + c * 64, n0 + n * 128, n_tokens, rows);
+    }
+}
+
+// The driver's cuTensorMapEncodeTiled, looked up once through the runtime.
+static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+    if (!encode) {
+        void* fn = nullptr;
+        cudaDriverEntryPointQueryResult found;
+        CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+        if (found != cudaDriverEntryPointSuccess || !fn) {
+            fprintf(stderr, "error: matmul_gpu: the driver has no cuTensorMapEncodeTiled (TMA needs CUDA 12+)\n");
+            exit(1);
+        }
+        encode = (PFN_cuTensorMapEncodeTiled_v12000)fn;
+    }
+    return encode;
+}
+
+// The map of a (rows, cols) k-major matrix of T, read in boxes of 64 k x box_rows rows (128 bytes
+// of k per row: the 128-byte swizzle); boxes reaching past the matrix are filled with zeros.
+template <typename T> static CUtensorMap tile_map(const void* base, int rows, int cols, int box_rows) {
+    CUtensorMap map;
+    const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows}, strides[1] = {(cuuint64_t)cols * sizeof(T)};
+    const cuuint32_t box[2] = {TMA_BK, (cuuint32_t)box_rows}, steps[2] = {1, 1};
+    const CUtensorMapDataType type = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                               : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    const CUresult r = tensor_map_encoder()(&map, type, 2, const_cast<void*>(base), dims, strides, box, steps,
+                                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+        fprintf(stderr, "error: matmul_gpu: cannot describe a (%d, %d) matrix to the copy engine (CUresult %d)\n",
+                rows, cols, (int)r);
+        exit(1);
+    }
+    return map;
+}
+
+template <typename T, int BN, typename Epilogue>
+static void launch_tma(Epilogue epilogue, const void* w, const void* x, int n_tokens, int rows, int cols,
+                       cudaStream_t stream) {
+    static bool configured = false;  // the > 48 KB shared-memory opt-in, once per instantiation
+    auto kernel = matmul_tma_kernel<T, BN, Epilogue>;
+    if (!configured) {
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)TmaTile<BN>::SMEM));
+        configured = true;
+    }
+    const dim3 grid((n_tokens + TMA_BM - 1) / TMA_BM, (rows + BN - 1) / BN);
+    kernel<<<grid, TMA_THREADS, TmaTile<BN>::SMEM, stream>>>(tile_map<T>(x, n_tokens, cols, TMA_BM),
+                                                             tile_map<T>(w, rows, cols, BN), epilogue, n_tokens,
+                                                             rows, cols);
+}
+
+// 256-row tiles unless they leave SMs idle that 128-row tiles would fill: waves of tiles, a
+// 128-row tile counted at 0.6 of a 256-row one (it reads x once per 128 rows, not per 256)
+template <typename T, typename Epilogue>
+static void launch_tma(Epilogue epilogue, const void* w, const void* x, int n_tokens, int rows, int cols,
+                       cudaStream_t stream) {
+    static int n_sm = 0;
+    if (!n_sm) {
+        int device;
+        CUDA_CHECK(cudaGetDevice(&device));
+        CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device));
+    }
+    const long m_tiles = (n_tokens + TMA_BM - 1) / TMA_BM;
+    const long waves_256 = (m_tiles * ((rows + 255) / 256) + n_sm - 1) / n_sm;
+    const long waves_128 = (m_tiles * ((rows + 127) / 128) + n_sm - 1) / n_sm;
+    if (10 * waves_256 <= 6 * waves_128)
+        launch_tma<T, 256>(epilogue, w, x, n_tokens, rows, cols, stream);
+    else
+        launch_tma<T, 128>(epilogue, w, x, n_tokens, rows, cols, stream);
+}
+
+// ---- the reference: every thread loads, one barrier per k step -------------------------------------
+
 // Block tile 128 tokens x 128 weight rows x 64 k, two warpgroups (256 threads), warpgroup g
 // computing tokens 64g..64g+63 x all 128 rows with wgmma m64n128k16 (64 fp32 accumulators per
-// thread). 3 shared-memory stages: the weight tile of k step kt+2 streams in with cp.async, and the
-// fp32 activation tile of kt+2 is loaded to registers, while the wgmmas of kt run; the activations
-// are rounded to 16 bits on their way into shared memory one step later. int8 weights take the
-// activations' way: loaded to registers with their scales, dequantized and rounded to bf16 on
-// their way into shared memory.
+// thread). 3 shared-memory stages: the tiles of k step kt+2 stream in with cp.async while the
+// wgmmas of kt run. int8 weights are loaded to registers with their scales instead, dequantized
+// (exact in fp32) and rounded to bf16 on their way into shared memory one step later.
 constexpr int MM_BM = 128, MM_BN = 128, MM_BK = 64, MM_STAGES = 3, MM_THREADS = 256;
 constexpr int MM_CHUNKS = MM_BK / 8;                                         // 16-byte chunks per tile row
-constexpr int MM_STAGE_CHUNKS = (MM_BM + MM_BN) * MM_CHUNKS;                 // A tile then B tile, 32 KB
+constexpr int MM_STAGE_CHUNKS = (MM_BM + MM_BN) * MM_CHUNKS;                 // x tile then w tile, 32 KB
 constexpr int MM_LOADS = MM_BM * MM_CHUNKS / MM_THREADS;                     // chunks per thread per tile (4)
 constexpr size_t MM_SMEM = (size_t)MM_STAGES * MM_STAGE_CHUNKS * 16 + 1024;  // + room to align to 1024
 
-// out (n_tokens, rows) (+)= x (n_tokens, cols) fp32 . w (rows, cols)^T of W + bias (rows) or NULL,
-// on the tensor cores in T (W itself, or bf16 for int8 W, whose scales are (rows, cols / Q8_BLOCK)).
+// x (n_tokens, cols) of T; w (rows, cols) of W (T itself, or int8 with scales (rows, cols / Q8_BLOCK)).
 // Grid (token tiles, row tiles): consecutive blocks share a weight tile, so the LM head's weights
 // stream from DRAM once. cols % 8 == 0: a chunk of 8 k is entirely inside or outside the matrix
 // (int8: inside one block of scale).
-template <typename T, typename W>
-__global__ void __launch_bounds__(MM_THREADS) matmul_tc_kernel(float* out, const W* w, const __half* scales,
-                                                             const float* x, const float* bias, int n_tokens,
-                                                             int rows, int cols, int accumulate) {
+template <typename T, typename W, typename Epilogue>
+__global__ void __launch_bounds__(MM_THREADS) matmul_simple_kernel(Epilogue epilogue, const W* w, const __half* scales,
+                                                                   const T* x, int n_tokens, int rows, int cols) {
     extern __shared__ uint8_t mm_smem_raw[];
     uint4* smem = reinterpret_cast<uint4*>(((uintptr_t)mm_smem_raw + 1023) & ~(uintptr_t)1023);  // swizzle atom
-    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
+    const int tid = threadIdx.x, wg = tid / 128;
     const int m0 = blockIdx.x * MM_BM, n0 = blockIdx.y * MM_BN;
     const int k_tiles = (cols + MM_BK - 1) / MM_BK;
 
-    float4 a_next[MM_LOADS][2];  // the next activation tile, 8 floats per chunk
-    auto load_a = [&](int kt) {
+    auto load_x = [&](int kt, int stage) {
+        uint4* sx = smem + stage * MM_STAGE_CHUNKS;
 #pragma unroll
         for (int i = 0; i < MM_LOADS; i++) {
             const int id = tid + i * MM_THREADS, r = id / MM_CHUNKS, ch = id % MM_CHUNKS;
             const int t = m0 + r, k = kt * MM_BK + ch * 8;
-            if (t < n_tokens && k < cols) {
-                const float4* p = reinterpret_cast<const float4*>(x + (size_t)t * cols + k);
-                a_next[i][0] = __ldg(p);
-                a_next[i][1] = __ldg(p + 1);
-            } else {
-                a_next[i][0] = a_next[i][1] = make_float4(0.f, 0.f, 0.f, 0.f);
-            }
+            const bool valid = t < n_tokens && k < cols;
+            cp_async16(&sx[swizzle(r, ch, MM_CHUNKS)], valid ? x + (size_t)t * cols + k : x, valid);
         }
     };
-    auto store_a = [&](int stage) {
-        uint4* sa = smem + stage * MM_STAGE_CHUNKS;
-#pragma unroll
-        for (int i = 0; i < MM_LOADS; i++) {
-            const int id = tid + i * MM_THREADS, r = id / MM_CHUNKS, ch = id % MM_CHUNKS;
-            sa[swizzle(r, ch, MM_CHUNKS)] = pack8<T>(a_next[i][0], a_next[i][1]);
-        }
-    };
-    uint2 b_next[MM_LOADS];  // int8: the next weight tile, 8 values per chunk, and their scales
-    float b_scale[MM_LOADS];
-    auto load_b = [&](int kt, int stage) {  // 16-bit: cp.async straight into the stage; int8: to registers
-        uint4* sb = smem + stage * MM_STAGE_CHUNKS + MM_BM * MM_CHUNKS;
+    uint2 w_next[MM_LOADS];  // int8: the next weight tile, 8 values per chunk, and their scales
+    float w_scale[MM_LOADS];
+    auto load_w = [&](int kt, int stage) {  // 16-bit: cp.async straight into the stage; int8: to registers
+        uint4* sw = smem + stage * MM_STAGE_CHUNKS + MM_BM * MM_CHUNKS;
 #pragma unroll
         for (int i = 0; i < MM_LOADS; i++) {
             const int id = tid + i * MM_THREADS, r = id / MM_CHUNKS, ch = id % MM_CHUNKS;
@@ -67,24 +315,24 @@ __global__ void __launch_bounds__(MM_THREADS) matmul_tc_kernel(float* out, const
             const bool valid = n < rows && k < cols;
             if constexpr (is_int8<W>) {
                 const size_t at = (size_t)n * cols + k;
-                b_next[i] = valid ? __ldg(reinterpret_cast<const uint2*>(w + at)) : make_uint2(0, 0);
-                b_scale[i] = valid ? __half2float(__ldg(scales + at / Q8_BLOCK)) : 0.f;
+                w_next[i] = valid ? __ldg(reinterpret_cast<const uint2*>(w + at)) : make_uint2(0, 0);
+                w_scale[i] = valid ? __half2float(__ldg(scales + at / Q8_BLOCK)) : 0.f;
             } else {
-                cp_async16(&sb[swizzle(r, ch, MM_CHUNKS)], valid ? w + (size_t)n * cols + k : w, valid);
+                cp_async16(&sw[swizzle(r, ch, MM_CHUNKS)], valid ? w + (size_t)n * cols + k : w, valid);
             }
         }
     };
-    auto store_b = [&](int stage) {  // int8: the registers, dequantized (exact in fp32) and rounded to bf16
+    auto store_w = [&](int stage) {  // int8: the registers, dequantized and rounded to bf16
         if constexpr (is_int8<W>) {
-            uint4* sb = smem + stage * MM_STAGE_CHUNKS + MM_BM * MM_CHUNKS;
+            uint4* sw = smem + stage * MM_STAGE_CHUNKS + MM_BM * MM_CHUNKS;
 #pragma unroll
             for (int i = 0; i < MM_LOADS; i++) {
                 const int id = tid + i * MM_THREADS, r = id / MM_CHUNKS, ch = id % MM_CHUNKS;
                 float f[8];
-                int8x4_to_float(b_next[i].x, f);
-                int8x4_to_float(b_next[i].y, f + 4);
-                const float s = b_scale[i];
-                sb[swizzle(r, ch, MM_CHUNKS)] = pack8<T>(make_float4(f[0] * s, f[1] * s, f[2] * s, f[3] * s),
+                int8x4_to_float(w_next[i].x, f);
+                int8x4_to_float(w_next[i].y, f + 4);
+                const float s = w_scale[i];
+                sw[swizzle(r, ch, MM_CHUNKS)] = pack8<T>(make_float4(f[0] * s, f[1] * s, f[2] * s, f[3] * s),
                                                          make_float4(f[4] * s, f[5] * s, f[6] * s, f[7] * s));
             }
         }
@@ -93,62 +341,55 @@ __global__ void __launch_bounds__(MM_THREADS) matmul_tc_kernel(float* out, const
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; i++) acc[i] = 0.f;
-    // prologue: tiles 0 and 1 of B in flight (one commit group per k tile, empty ones included, so
-    // that "all but the newest group done" always means "tile kt has landed"); A of tile 0 stored,
-    // A of tile 1 in registers
-    load_b(0, 0);
-    load_a(0);
-    store_a(0);
-    store_b(0);
+    // prologue: tiles 0 and 1 in flight (one commit group per k tile, empty ones included, so that
+    // "all but the newest group done" always means "tile kt has landed"); int8 w of tile 0 stored,
+    // of tile 1 in registers
+    load_x(0, 0);
+    load_w(0, 0);
+    store_w(0);
     cp_async_commit();
     if (1 < k_tiles) {
-        load_b(1, 1);
-        load_a(1);
+        load_x(1, 1);
+        load_w(1, 1);
     }
     cp_async_commit();
     for (int kt = 0; kt < k_tiles; kt++) {
         cp_async_wait<1>();
         fence_proxy_async();  // this thread's st.shared / cp.async writes, visible to wgmma
         __syncthreads();      // ... of every thread; and stage (kt-1) % 3 is free (its wgmmas waited)
-        const uint4* sa = smem + (kt % MM_STAGES) * MM_STAGE_CHUNKS + wg * 64 * MM_CHUNKS;
-        const uint4* sb = smem + (kt % MM_STAGES) * MM_STAGE_CHUNKS + MM_BM * MM_CHUNKS;
+        const uint4* sx = smem + (kt % MM_STAGES) * MM_STAGE_CHUNKS + wg * 64 * MM_CHUNKS;
+        const uint4* sw = smem + (kt % MM_STAGES) * MM_STAGE_CHUNKS + MM_BM * MM_CHUNKS;
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < MM_BK / 16; ks++)  // k16 step = 32 bytes further into each 128-byte row
-            wgmma_m64n128k16<T>(acc, wgmma_desc(sa) + 2 * ks, wgmma_desc(sb) + 2 * ks);
+            wgmma_m64n128k16<T>(acc, wgmma_desc(sx) + 2 * ks, wgmma_desc(sw) + 2 * ks);
         wgmma_commit();
-        // while the tensor cores run: A of tile kt+1 into its stage, loads of tile kt+2 issued
-        if (kt + 1 < k_tiles) {
-            store_a((kt + 1) % MM_STAGES);
-            store_b((kt + 1) % MM_STAGES);
-        }
+        // while the tensor cores run: int8 w of tile kt+1 into its stage, loads of tile kt+2 issued
+        if (kt + 1 < k_tiles) store_w((kt + 1) % MM_STAGES);
         if (kt + 2 < k_tiles) {
-            load_b(kt + 2, (kt + 2) % MM_STAGES);
-            load_a(kt + 2);
+            load_x(kt + 2, (kt + 2) % MM_STAGES);
+            load_w(kt + 2, (kt + 2) % MM_STAGES);
         }
         cp_async_commit();
-        wgmma_wait_all();
+        wgmma_wait<0>();
 #pragma unroll
         for (int i = 0; i < 64; i++) fence_operand(acc[i]);
     }
+    epilogue(acc, m0 + wg * 64, n0, n_tokens, rows);
+}
 
-    // epilogue: acc[4j + 2h + e] is token 16 (warp % 4) + lane/4 + 8h of this warpgroup's 64, weight
-    // row 8j + 2 (lane % 4) + e; rows % 8 == 0 keeps a pair inside or outside the matrix
-#pragma unroll
-    for (int j = 0; j < 16; j++) {
-        const int r = n0 + j * 8 + (lane % 4) * 2;
-        if (r >= rows) continue;
-        const float2 b = bias ? make_float2(bias[r], bias[r + 1]) : make_float2(0.f, 0.f);
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int t = m0 + wg * 64 + (warp % 4) * 16 + lane / 4 + h * 8;
-            if (t >= n_tokens) continue;
-            float2* o = reinterpret_cast<float2*>(out + (size_t)t * rows + r);
-            float2 v = make_float2(acc[4 * j + 2 * h] + b.x, acc[4 * j + 2 * h + 1] + b.y);
-            if (accumulate) { const float2 prev = *o; v.x += prev.x; v.y += prev.y; }
-            *o = v;
-        }
+template <typename T, typename W, typename Epilogue>
+static void launch_simple(Epilogue epilogue, const void* w, const void* scales, const void* x, int n_tokens, int rows,
+                          int cols, cudaStream_t stream) {
+    static bool configured = false;  // the > 48 KB shared-memory opt-in, once per instantiation
+    auto kernel = matmul_simple_kernel<T, W, Epilogue>;
+    if (!configured) {
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)MM_SMEM));
+        configured = true;
     }
+    const dim3 grid((n_tokens + MM_BM - 1) / MM_BM, (rows + MM_BN - 1) / MM_BN);
+    kernel<<<grid, MM_THREADS, MM_SMEM, stream>>>(epilogue, (const W*)w, (const __half*)scales, (const T*)x, n_tokens,
+                                                  rows, cols);
 }
 
 // fp32 weights: a plain shared-memory tiled product on the CUDA cores (correct, not tuned).
@@ -176,48 +417,107 @@ __global__ void matmul_f32_kernel(float* out, const float* w, const float* x, co
     }
 }
 
-template <typename T, typename W>
-static void launch_matmul_tc(float* out, const void* w, const void* scales, const float* x, const float* bias,
-                             int n_tokens, int rows, int cols, int accumulate, cudaStream_t stream) {
-    static bool configured = false;  // the > 48 KB shared-memory opt-in, once per instantiation
-    auto kernel = matmul_tc_kernel<T, W>;
-    if (!configured) {
-        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)MM_SMEM));
-        configured = true;
-    }
-    const dim3 grid((n_tokens + MM_BM - 1) / MM_BM, (rows + MM_BN - 1) / MM_BN);
-    kernel<<<grid, MM_THREADS, MM_SMEM, stream>>>(out, (const W*)w, (const __half*)scales, x, bias, n_tokens, rows,
-                                                  cols, accumulate);
-}
+// ---- launchers --------------------------------------------------------------------------------------
 
-extern "C" void matmul_gpu(float* out, const void* w, const void* scales, int wdtype, const float* x,
-                           const float* bias, int n_tokens, int rows, int cols, int accumulate, cudaStream_t stream) {
+static void check_product(const char* who, const void* w, const void* scales, int wdtype, const void* x,
+                          int n_tokens, int rows, int cols) {
+    if (wdtype != DT_F32 && wdtype != DT_BF16 && wdtype != DT_F16 && wdtype != DT_INT8) {
+        fprintf(stderr, "error: %s: unknown weight dtype %d\n", who, wdtype);
+        exit(1);
+    }
     if (n_tokens < 1 || rows < 8 || rows % 8 || cols < 8 || cols % 8 || !aligned16(w) || !aligned16(x) ||
         (wdtype == DT_INT8 && (cols % Q8_BLOCK || !scales))) {
-        fprintf(stderr, "error: matmul_gpu: need n_tokens >= 1, rows and cols multiples of 8 (int8: cols of %d, "
-                        "and scales), 16-byte aligned w and x (got %d, %d, %d)\n", Q8_BLOCK, n_tokens, rows, cols);
+        fprintf(stderr, "error: %s: need n_tokens >= 1, rows and cols multiples of 8 (int8: cols of %d, and "
+                        "scales), 16-byte aligned w and x (got %d, %d, %d)\n", who, Q8_BLOCK, n_tokens, rows, cols);
         exit(1);
     }
-    if (wdtype == DT_BF16) {
-        launch_matmul_tc<__nv_bfloat16, __nv_bfloat16>(out, w, nullptr, x, bias, n_tokens, rows, cols, accumulate, stream);
-    } else if (wdtype == DT_F16) {
-        launch_matmul_tc<__half, __half>(out, w, nullptr, x, bias, n_tokens, rows, cols, accumulate, stream);
-    } else if (wdtype == DT_INT8) {
-        launch_matmul_tc<__nv_bfloat16, int8_t>(out, w, scales, x, bias, n_tokens, rows, cols, accumulate, stream);
-    } else if (wdtype == DT_F32) {
+}
+
+// The product on the tensor cores (16-bit or int8 w), handed to `epilogue`: the TMA kernel for
+// 16-bit weights unless `simple`; int8 weights always on the simple kernel.
+template <typename Epilogue>
+static void tensor_core_product(Epilogue epilogue, const void* w, const void* scales, int wdtype, const void* x,
+                                int n_tokens, int rows, int cols, bool simple, cudaStream_t stream) {
+    if (wdtype == DT_BF16 && !simple) launch_tma<__nv_bfloat16>(epilogue, w, x, n_tokens, rows, cols, stream);
+    else if (wdtype == DT_F16 && !simple) launch_tma<__half>(epilogue, w, x, n_tokens, rows, cols, stream);
+    else if (wdtype == DT_BF16) launch_simple<__nv_bfloat16, __nv_bfloat16>(epilogue, w, nullptr, x, n_tokens, rows, cols, stream);
+    else if (wdtype == DT_F16) launch_simple<__half, __half>(epilogue, w, nullptr, x, n_tokens, rows, cols, stream);
+    else launch_simple<__nv_bfloat16, int8_t>(epilogue, w, scales, x, n_tokens, rows, cols, stream);
+}
+
+static void product(bool simple, float* out, const void* w, const void* scales, int wdtype, const void* x,
+                    const float* bias, int n_tokens, int rows, int cols, int accumulate, cudaStream_t stream) {
+    check_product(simple ? "matmul_simple_gpu" : "matmul_gpu", w, scales, wdtype, x, n_tokens, rows, cols);
+    if (wdtype == DT_F32) {
         const dim3 grid((rows + MM_F32_TILE - 1) / MM_F32_TILE, (n_tokens + MM_F32_TILE - 1) / MM_F32_TILE);
-        matmul_f32_kernel<<<grid, dim3(MM_F32_TILE, MM_F32_TILE), 0, stream>>>(out, (const float*)w, x, bias,
-                                                                               n_tokens, rows, cols, accumulate);
+        matmul_f32_kernel<<<grid, dim3(MM_F32_TILE, MM_F32_TILE), 0, stream>>>(out, (const float*)w, (const float*)x,
+                                                                               bias, n_tokens, rows, cols, accumulate);
     } else {
-        fprintf(stderr, "error: matmul_gpu: unknown weight dtype %d\n", wdtype);
-        exit(1);
+        tensor_core_product(StoreOut{out, bias, accumulate}, w, scales, wdtype, x, n_tokens, rows, cols, simple, stream);
     }
     CUDA_CHECK(cudaGetLastError());
 }
 
-// h (n_tokens, hidden) = silu(gate) * up, gate_up (n_tokens, 2*hidden) = [gate | up] per token.
-// One thread per 4 outputs (hidden % 4 == 0): 16-byte loads and stores.
-__global__ void swiglu_kernel(float* h, const float* gate_up, int n_tokens, int hidden) {
+extern "C" void matmul_gpu(float* out, const void* w, const void* scales, int wdtype, const void* x,
+                           const float* bias, int n_tokens, int rows, int cols, int accumulate, cudaStream_t stream) {
+    product(false, out, w, scales, wdtype, x, bias, n_tokens, rows, cols, accumulate, stream);
+}
+
+extern "C" void matmul_simple_gpu(float* out, const void* w, const void* scales, int wdtype, const void* x,
+                                  const float* bias, int n_tokens, int rows, int cols, int accumulate,
+                                  cudaStream_t stream) {
+    product(true, out, w, scales, wdtype, x, bias, n_tokens, rows, cols, accumulate, stream);
+}
+
+// ---- the LM head's cross entropy, from the tiles' partials ------------------------------------------
+
+static int loss_tiles(int vocab) { return (vocab + LOSS_TILE - 1) / LOSS_TILE; }
+
+extern "C" size_t lm_head_loss_scratch_floats(int n_tokens, int vocab) {
+    return (size_t)n_tokens * (2 * loss_tiles(vocab) + 1);  // the partials, then the target logits
+}
+
+// One block per token: nll = M + log(sum over tiles of sum_i exp(m_i - M)) - target logit, M the max
+// of the tiles' maxima. A NaN partial makes the sum NaN.
+__global__ void lm_head_loss_merge_kernel(float* nll, const float2* partials, const float* target_logit,
+                                          const int* targets, int n_tiles, int vocab) {
+    const float2* p = partials + (size_t)blockIdx.x * n_tiles;
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < n_tiles; i += blockDim.x) m = fmaxf(m, p[i].x);
+    m = block_max(m);
+    float sum = 0.f;
+    for (int i = threadIdx.x; i < n_tiles; i += blockDim.x) sum += p[i].y * expf(p[i].x - m);
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) {
+        const int target = targets[blockIdx.x];
+        nll[blockIdx.x] = target >= 0 && target < vocab ? m + logf(sum) - target_logit[blockIdx.x] : NAN;
+    }
+}
+
+extern "C" void lm_head_loss_gpu(float* nll, const void* w, const void* scales, int wdtype, const void* x,
+                                 const int* targets, int n_tokens, int vocab, int dim, float* scratch, int simple,
+                                 cudaStream_t stream) {
+    check_product("lm_head_loss_gpu", w, scales, wdtype, x, n_tokens, vocab, dim);
+    if (wdtype == DT_F32) {
+        fprintf(stderr, "error: lm_head_loss_gpu: fp32 weights have no tensor-core path\n");
+        exit(1);
+    }
+    const int n_tiles = loss_tiles(vocab);
+    float2* partials = reinterpret_cast<float2*>(scratch);
+    float* target_logit = scratch + (size_t)2 * n_tokens * n_tiles;
+    tensor_core_product(LossPartials{partials, target_logit, targets, n_tiles}, w, scales, wdtype, x, n_tokens, vocab,
+                        dim, simple, stream);
+    CUDA_CHECK(cudaGetLastError());
+    lm_head_loss_merge_kernel<<<n_tokens, 256, 0, stream>>>(nll, partials, target_logit, targets, n_tiles, vocab);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// ---- SwiGLU ---------------------------------------------------------------------------------------
+
+// h (n_tokens, hidden) of O = silu(gate) * up, gate_up (n_tokens, 2*hidden) = [gate | up] per token.
+// One thread per 4 outputs (hidden % 4 == 0): 16-byte loads.
+template <typename O>
+__global__ void swiglu_kernel(O* h, const float* gate_up, int n_tokens, int hidden) {
     const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 4;
     if (i >= (size_t)n_tokens * hidden) return;
     const size_t t = i / hidden, j = i % hidden;
@@ -228,15 +528,17 @@ __global__ void swiglu_kernel(float* h, const float* gate_up, int n_tokens, int 
     r.y = g.y / (1.f + expf(-g.y)) * u.y;
     r.z = g.z / (1.f + expf(-g.z)) * u.z;
     r.w = g.w / (1.f + expf(-g.w)) * u.w;
-    *reinterpret_cast<float4*>(h + i) = r;
+    store4(h + i, r);
 }
 
-extern "C" void swiglu_gpu(float* h, const float* gate_up, int n_tokens, int hidden, cudaStream_t stream) {
+extern "C" void swiglu_gpu(void* h, int h_dtype, const float* gate_up, int n_tokens, int hidden, cudaStream_t stream) {
     if (hidden % 4 || !aligned16(h) || !aligned16(gate_up)) {
         fprintf(stderr, "error: swiglu_gpu: hidden %d is not a multiple of 4, or unaligned buffers\n", hidden);
         exit(1);
     }
     const size_t threads = (size_t)n_tokens * hidden / 4;
-    swiglu_kernel<<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>(h, gate_up, n_tokens, hidden);
+    DISPATCH_ACT(h_dtype, "swiglu_gpu",
+                 (swiglu_kernel<A><<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>((A*)h, gate_up, n_tokens,
+                                                                                          hidden)));
     CUDA_CHECK(cudaGetLastError());
 }

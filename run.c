@@ -511,6 +511,7 @@ struct Gpu {
     void* value_cache;    // (n_layers, seq_len, kv_dim), kv_dtype
     int kv_dtype;
     int fused;            // decode: 1 the persistent kernel (decode.cu), 0 the chain of kernels
+    int simple_matmul;    // prefill: 1 the simple tensor-core matrix products (-a 0), 0 the TMA ones
     int chunk;            // tokens per prefill pass: min(seq_len, PREFILL_CHUNK)
     cudaStream_t stream;
     // decode, one token
@@ -532,14 +533,15 @@ struct Gpu {
     int next_slot;        // slot of the next step enqueued
     int ahead_pos;        // position of the step enqueued ahead (its token: the GPU's argmax), -1 none
     int ahead_slot;
-    // prefill, up to PREFILL_CHUNK tokens
+    // prefill, up to PREFILL_CHUNK tokens; "act" is matmul_input_dtype(wdtype), what products read
     float* bx;            // (chunk, dim)
-    float* bxb;           // (chunk, dim)
+    void* bxb;            // (chunk, dim) act
     float* bqkv;          // (chunk, qkv_dim)
-    float* batt;          // (chunk, q_dim)
+    void* batt;           // (chunk, q_dim) act
     float* bgate_up;      // (chunk, 2*hidden_dim)
-    float* bh;            // (chunk, hidden_dim)
+    void* bh;             // (chunk, hidden_dim) act
     float* blogits;       // (LM_CHUNK, vocab_size)
+    float* bloss;         // the LM head's loss partials (lm_head_loss_gpu)
     float* bnll;          // (chunk) -log p(target) per position
     int* bids;            // (2, chunk) token ids, then targets
 };
@@ -569,6 +571,7 @@ static void init_gpu(Model* m, int kv_dtype, int fused) {
     size_t chunk = g->chunk = m->seq_len < PREFILL_CHUNK ? m->seq_len : PREFILL_CHUNK;
     g->kv_dtype = kv_dtype;
     g->fused = fused;
+    g->simple_matmul = !fused;
     CUDA_CHECK(cudaStreamCreate(&g->stream));
     g->weights = gpu_alloc(m->file_size - HEADER_BYTES, "the weights");
     CUDA_CHECK(cudaMemcpy(g->weights, m->file + HEADER_BYTES, m->file_size - HEADER_BYTES, cudaMemcpyHostToDevice));
@@ -590,6 +593,7 @@ static void init_gpu(Model* m, int kv_dtype, int fused) {
     g->bgate_up = gpu_alloc(chunk * 2 * H * 4, "prefill activations");
     g->bh = gpu_alloc(chunk * H * 4, "prefill activations");
     g->blogits = gpu_alloc((size_t)LM_CHUNK * c->vocab_size * 4, "prefill logits");
+    g->bloss = gpu_alloc(lm_head_loss_scratch_floats((int)chunk, c->vocab_size) * 4, "prefill losses");
     g->bnll = gpu_alloc(chunk * 4, "prefill losses");
     g->bids = gpu_alloc(2 * chunk * sizeof(int), "prefill token ids");
     m->s.logits = xmalloc((size_t)c->vocab_size * 4, "logits");
@@ -703,7 +707,7 @@ static void enqueue_step(Model* m) {
         LayerGpu w = layer_gpu(m, l);
         // x += o_proj(attention(rope(qk_norm(qkv(rmsnorm(x))))))
         float *q = g->qkv, *k = q + q_dim(c), *v = k + kv_dim(c);
-        rmsnorm_gpu(g->xb, g->x, w.rms_att, 1, D, c->eps, st);
+        rmsnorm_gpu(g->xb, DT_F32, g->x, w.rms_att, 1, D, c->eps, st);
         matvec_gpu(g->qkv, w.wqkv, w.wqkv_scales, wt, g->xb, w.bqkv, QKV, D, 0, st);
         qk_norm_rope_gpu(q, k, v, w.q_norm, w.k_norm, w.k_scale, w.k_cache, w.v_cache, g->kv_dtype, pos,
                          c->n_heads, c->n_kv_heads, hd, c->rope_theta, c->eps, st);
@@ -711,12 +715,12 @@ static void enqueue_step(Model* m) {
                       m->seq_len, w.k_scale / sqrtf((float)hd), g->scratch, st);
         matvec_gpu(g->x, w.wo, w.wo_scales, wt, g->att, NULL, D, q_dim(c), 1, st);
         // x += Wdown @ (silu(Wgate @ rmsnorm(x)) * (Wup @ rmsnorm(x)))
-        rmsnorm_gpu(g->xb, g->x, w.rms_ffn, 1, D, c->eps, st);
+        rmsnorm_gpu(g->xb, DT_F32, g->x, w.rms_ffn, 1, D, c->eps, st);
         swiglu_matvec_gpu(g->hb, w.w_gate_up, w.w_gate_up_scales, wt, g->xb, H, D, st);
         matvec_gpu(g->x, w.w_down, w.w_down_scales, wt, g->hb, NULL, D, H, 1, st);
     }
     // logits = lm_head @ rmsnorm(x), and their argmax
-    rmsnorm_gpu(g->xb, g->x, on_gpu(m, m->at.rms_final), 1, D, c->eps, st);
+    rmsnorm_gpu(g->xb, DT_F32, g->x, on_gpu(m, m->at.rms_final), 1, D, c->eps, st);
     matvec_gpu(g->logits, on_gpu(m, m->at.lm_head), on_gpu(m, m->at.lm_head_scales), wt, g->xb, NULL, c->vocab_size,
                D, 0, st);
     argmax_gpu(g->io + 2, g->logits, c->vocab_size, st);
@@ -778,7 +782,10 @@ static double forward_batch_gpu(Model* m, const int* ids, int n, int pos, float*
     struct Gpu* g = m->gpu;
     cudaStream_t st = g->stream;
     int D = c->dim, H = c->hidden_dim, hd = c->head_dim, QKV = qkv_dim(c), V = c->vocab_size, wt = c->wdtype;
-    int chunk = g->chunk;
+    int chunk = g->chunk, act = matmul_input_dtype(wt);
+    size_t act_size = act == DT_F32 ? 4 : 2;
+    void (*product)(float*, const void*, const void*, int, const void*, const float*, int, int, int, int, cudaStream_t) =
+        g->simple_matmul ? matmul_simple_gpu : matmul_gpu;
     const void *lm_head = on_gpu(m, m->at.lm_head), *lm_head_scales = on_gpu(m, m->at.lm_head_scales);
     g->ahead_pos = -1;  // a decode step enqueued ahead is superseded: its cache row is rewritten here
     CUDA_CHECK(cudaMemcpyAsync(g->bids, ids, n * sizeof(int), cudaMemcpyHostToDevice, st));
@@ -787,29 +794,36 @@ static double forward_batch_gpu(Model* m, const int* ids, int n, int pos, float*
     for (int l = 0; l < c->n_layers; l++) {
         LayerGpu w = layer_gpu(m, l);
         // x += o_proj(attention(rope(qk_norm(qkv(rmsnorm(x))))))
-        rmsnorm_gpu(g->bxb, g->bx, w.rms_att, n, D, c->eps, st);
-        matmul_gpu(g->bqkv, w.wqkv, w.wqkv_scales, wt, g->bxb, w.bqkv, n, QKV, D, 0, st);
+        rmsnorm_gpu(g->bxb, act, g->bx, w.rms_att, n, D, c->eps, st);
+        product(g->bqkv, w.wqkv, w.wqkv_scales, wt, g->bxb, w.bqkv, n, QKV, D, 0, st);
         qk_norm_rope_batch_gpu(g->bqkv, w.q_norm, w.k_norm, w.k_scale, w.k_cache, w.v_cache, g->kv_dtype,
                                pos, n, c->n_heads, c->n_kv_heads, hd, c->rope_theta, c->eps, st);
-        attention_prefill_gpu(g->batt, g->bqkv, w.k_cache, w.v_cache, g->kv_dtype, pos, n, c->n_heads,
+        attention_prefill_gpu(g->batt, act, g->bqkv, w.k_cache, w.v_cache, g->kv_dtype, pos, n, c->n_heads,
                               c->n_kv_heads, hd, w.k_scale / sqrtf((float)hd), st);
-        matmul_gpu(g->bx, w.wo, w.wo_scales, wt, g->batt, NULL, n, D, q_dim(c), 1, st);
+        product(g->bx, w.wo, w.wo_scales, wt, g->batt, NULL, n, D, q_dim(c), 1, st);
         // x += Wdown @ (silu(Wgate @ rmsnorm(x)) * (Wup @ rmsnorm(x)))
-        rmsnorm_gpu(g->bxb, g->bx, w.rms_ffn, n, D, c->eps, st);
-        matmul_gpu(g->bgate_up, w.w_gate_up, w.w_gate_up_scales, wt, g->bxb, NULL, n, 2 * H, D, 0, st);
-        swiglu_gpu(g->bh, g->bgate_up, n, H, st);
-        matmul_gpu(g->bx, w.w_down, w.w_down_scales, wt, g->bh, NULL, n, D, H, 1, st);
+        rmsnorm_gpu(g->bxb, act, g->bx, w.rms_ffn, n, D, c->eps, st);
+        product(g->bgate_up, w.w_gate_up, w.w_gate_up_scales, wt, g->bxb, NULL, n, 2 * H, D, 0, st);
+        swiglu_gpu(g->bh, act, g->bgate_up, n, H, st);
+        product(g->bx, w.w_down, w.w_down_scales, wt, g->bh, NULL, n, D, H, 1, st);
     }
-    rmsnorm_gpu(g->bxb, g->bx, on_gpu(m, m->at.rms_final), n, D, c->eps, st);
-    for (int t = 0; (all_logits || targets) && t < n; t += LM_CHUNK) {  // logits of every position
+    rmsnorm_gpu(g->bxb, act, g->bx, on_gpu(m, m->at.rms_final), n, D, c->eps, st);
+    // perplexity: -log p(target) of every position, straight from the LM head's tiles (fp32 weights
+    // have no tensor-core path: their logits go through memory below)
+    int fused_loss = targets && wt != DT_F32;
+    if (fused_loss)
+        lm_head_loss_gpu(g->bnll, lm_head, lm_head_scales, wt, g->bxb, g->bids + chunk, n, V, D, g->bloss,
+                         g->simple_matmul, st);
+    for (int t = 0; (all_logits || (targets && !fused_loss)) && t < n; t += LM_CHUNK) {  // logits of every position
         int k = n - t < LM_CHUNK ? n - t : LM_CHUNK;
-        matmul_gpu(g->blogits, lm_head, lm_head_scales, wt, g->bxb + (size_t)t * D, NULL, k, V, D, 0, st);
-        if (targets) cross_entropy_gpu(g->bnll + t, g->blogits, g->bids + chunk + t, k, V, st);
+        product(g->blogits, lm_head, lm_head_scales, wt, (uint8_t*)g->bxb + (size_t)t * D * act_size, NULL, k, V, D, 0, st);
+        if (targets && !fused_loss) cross_entropy_gpu(g->bnll + t, g->blogits, g->bids + chunk + t, k, V, st);
         if (all_logits)
             CUDA_CHECK(cudaMemcpyAsync(all_logits + (size_t)t * V, g->blogits, (size_t)k * V * 4, cudaMemcpyDeviceToHost, st));
     }
-    // the last position's logits and argmax, as a decode step leaves them
-    matvec_gpu(g->logits, lm_head, lm_head_scales, wt, g->bxb + (size_t)(n - 1) * D, NULL, V, D, 0, st);
+    // the last position's logits and argmax, as a decode step leaves them (from the fp32 normed x)
+    rmsnorm_gpu(g->xb, DT_F32, g->bx + (size_t)(n - 1) * D, on_gpu(m, m->at.rms_final), 1, D, c->eps, st);
+    matvec_gpu(g->logits, lm_head, lm_head_scales, wt, g->xb, NULL, V, D, 0, st);
     argmax_gpu(g->io + 2, g->logits, V, st);
     CUDA_CHECK(cudaMemcpyAsync(g->host_io + 2, g->io + 2, sizeof(int), cudaMemcpyDeviceToHost, st));
     float* nll = targets ? xmalloc(n * sizeof(float), "losses") : NULL;
@@ -1233,7 +1247,8 @@ static void usage(void) {
         "  -o FILE  logits: write every position's float32 logits here\n"
         "  -z FILE  tokenizer (default: tokenizer.bin in the current directory, else beside the program)\n"
         "  -v 0|1   print the prompt's and the generated token ids to stderr\n"
-        "  -a 0|1   GPU decode: one persistent kernel per token (1) or the chain of kernels (0); default 1,\n"
+        "  -a 0|1   GPU: one persistent kernel per decoded token and the TMA matrix products in prefill (1),\n"
+        "           or the reference kernels: the chain per token, the simple products (0); default 1,\n"
         "           0 for int8 weights (faster there so far)\n"
         "  -e bf16|fp16  GPU: KV cache dtype (default bf16)\n"
         "  -K 0|1   use the checkpoint's per-layer K scale (default 1; 0 shows why it exists)\n"

@@ -1,5 +1,5 @@
 // tensor_core.cuh: the tensor-core and async-copy primitives shared by matmul.cu (wgmma) and
-// prefill_attention.cu (mma.sync m16n8k16 with fp32 accumulation, ldmatrix, cp.async), and the
+// attention.cu's prefill (mma.sync m16n8k16 with fp32 accumulation, ldmatrix, cp.async), and the
 // shared-memory swizzle both use. Fragment layouts are PTX's: for lane l, g = l / 4, c = l % 4,
 //   A (16x16, row-major): a0 (row g, k 2c..2c+1), a1 (row g+8, k 2c..), a2 (row g, k 2c+8..), a3 (row g+8, k 2c+8..)
 //   B (16x8, k-major):    b0 (k 2c..2c+1, col g), b1 (k 2c+8.., col g)
@@ -59,6 +59,15 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi
     const __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&v);
 }
+// Two (four) consecutive floats stored as T at p, aligned to their size: one store
+template <typename T> __device__ __forceinline__ void store2(T* p, float a, float b) {
+    if constexpr (sizeof(T) == 4) *reinterpret_cast<float2*>(p) = make_float2(a, b);
+    else *reinterpret_cast<uint32_t*>(p) = pack2<T>(a, b);
+}
+template <typename T> __device__ __forceinline__ void store4(T* p, float4 v) {
+    if constexpr (sizeof(T) == 4) *reinterpret_cast<float4*>(p) = v;
+    else *reinterpret_cast<uint2*>(p) = make_uint2(pack2<T>(v.x, v.y), pack2<T>(v.z, v.w));
+}
 // 8 floats -> one 16-byte chunk of T
 template <typename T> __device__ __forceinline__ uint4 pack8(float4 a, float4 b) {
     return make_uint4(pack2<T>(a.x, a.y), pack2<T>(a.z, a.w), pack2<T>(b.x, b.y), pack2<T>(b.z, b.w));
@@ -76,9 +85,15 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void* smem) {
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// until at most N of this warpgroup's committed groups are still running
+template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // ordinary shared-memory stores (st.shared, cp.async) made visible to the async proxy (wgmma)
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Warp-specialized kernels: a warpgroup gives back registers it does not need (dec) or takes them
+// (inc), so that the consumers can hold large accumulator tiles; the kernel needs
+// __launch_bounds__(threads, 1), and every warp of the warpgroup runs it.
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
 // keeps the compiler from moving accumulator reads/writes across an asynchronous wgmma
 __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 

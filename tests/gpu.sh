@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one call: build, kernel checks, parity with Hugging Face,
 # compute-sanitizer, benchmark. Run from the repo root on the GPU machine (torch, transformers):
-#     bash tests/gpu.sh [kernels | kernels-quick] [prefill] [parity] [sanitizer] [bench | decode]
+#     bash tests/gpu.sh [kernels | kernels-quick] [prefill] [parity] [sanitizer] [bench | decode | prefill-bench]
 # (default: kernels prefill parity sanitizer bench; `decode`: the benchmark's decode table alone,
-# every shape, the persistent kernel against the chain). `ab` times decode of ./run against
+# every shape, the persistent kernel against the chain; `prefill-bench`: prefill and perplexity mode,
+# the TMA products against the simple ones). `ab` times decode of ./run against
 # .gpu/run-base, another build (e.g. of main) carried along. Text and tokenizer come from data/
 # (tinyshakespeare and Qwen3's tokenizer files, xz), decompressed into the work folder. Logs go to
 # $OUT (or /tmp/gpu-out); the tables are printed last, then one line per step. Under a time limit,
@@ -44,7 +45,7 @@ summary() {  # the tables: failing kernel cases, the parity table, the benchmark
         [ -f "$OUT/$f.log" ] && grep -E 'FAIL' "$OUT/$f.log" | grep -v '^== ' | sed "s/^/$f: /"
     done
     [ -f "$OUT/parity.log" ] && sed -n '/^model  *| run /,$p' "$OUT/parity.log"
-    for f in bench decode; do [ -f "$OUT/$f.log" ] && sed -n '/^$/,$p' "$OUT/$f.log" | tail -n 40; done
+    for f in bench decode prefill-bench; do [ -f "$OUT/$f.log" ] && sed -n '/^$/,$p' "$OUT/$f.log" | tail -n 40; done
     [ -f "$OUT/ab.log" ] && sed -n '/^$/,$p' "$OUT/ab.log" | tail -n 8
     echo
     echo "$gpu, commit $commit, $(date -u +%Y-%m-%d)"
@@ -109,6 +110,8 @@ for s in $steps; do
         done ;;
     bench) step bench '^ours / HF: prefill' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" ;;
     decode) step decode 'persistent / chain' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" decode ;;
+    prefill-bench) step prefill-bench 'perplexity mode' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" prefill \
+                       ${PREFILL_AGAINST:+--against "$PREFILL_AGAINST"} ;;
     ab) step ab '^decode tok/s at context 4096, \./run' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" \
             --against .gpu/run-base ;;
     *) echo "unknown step $s"; record "$s" 2 0 "unknown step" ;;

@@ -1,7 +1,7 @@
 """Speed of ./run against the memory-bandwidth floor and against Hugging Face, in one run.
 
 Runs on the GPU machine from the repo root after `make run`:
-    python3 tests/gpu_bench.py WORKDIR TEXT_FILE TOKENIZER_DIR [decode] [--against OTHER_BUILD]
+    python3 tests/gpu_bench.py WORKDIR TEXT_FILE TOKENIZER_DIR [decode | prefill] [--against OTHER_BUILD]
 Prints one table last; writes WORKDIR/bench.json.
 - decode table (always): synthetic checkpoints of the Qwen3 0.6B, 1.7B, 4B, 8B and 14B shapes
   (written straight from README's format, random bf16 weights: speed does not depend on the values;
@@ -14,6 +14,7 @@ Prints one table last; writes WORKDIR/bench.json.
   (the seeded random Qwen3-0.6B-config model that gpu_parity.py saves; built if absent), and Hugging
   Face transformers on the same weights.
 - --against BIN: only decode of the 0.6B shape, ./run against another build, alternating.
+- prefill: only prefill and perplexity mode on synthetic checkpoints (prefill_table), -a 1 against -a 0.
 
 Floor of a decode step: every weight byte the step reads once (all matrices, int8's scales included;
 of the embedding one row, unless it is tied to the LM head) plus the K/V bytes of the context, over
@@ -38,6 +39,7 @@ work, text_file, tok_dir = sys.argv[1:4]
 # --against BIN: only decode, ./run against another build (BIN), alternating, in this one run
 against = sys.argv[sys.argv.index("--against") + 1] if "--against" in sys.argv else None
 decode_only = "decode" in sys.argv[4:]
+prefill_only = "prefill" in sys.argv[4:]
 torch.set_grad_enabled(False)
 rows, failed = [], []
 HEAD_DIM, VOCAB = 128, 151936
@@ -160,6 +162,71 @@ def decode_table(bw, prompt_of):
                 os.remove(checkpoint)
 
 
+def matmul_peak():
+    """bf16 TFLOP/s of cuBLAS on 8192^3 (median of 10 timed products after warm-up): the tensor cores' reach"""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192 ** 3 / sorted(times)[5] / 1e12
+
+
+def prefill_flops(shape, n):
+    """FLOPs per token of an n-token prefill: the layers' products, causal attention over (n + 1) / 2 keys on
+    average, the LM head of the last token"""
+    L, D, H, nh, nkv, _ = SHAPES[shape]
+    qkv = (nh + 2 * nkv) * HEAD_DIM
+    products = 2 * L * (D * qkv + nh * HEAD_DIM * D + D * 2 * H + H * D)
+    return products + L * 4 * nh * HEAD_DIM * (n + 1) / 2 + 2 * D * VOCAB / n
+
+
+def prefill_table(prompt_of):
+    """prefill tok/s of the 0.6B shape (2k, 8k, 32k-token prompts) and the 8B shape (2k), and perplexity
+    mode on the 0.6B shape (32k tokens, windows of 2048), each with -a 1 (TMA products) and -a 0 (the
+    simple products) in the same run (and --against's build); TFLOP/s against cuBLAS's 8192^3 in this run"""
+    peak = matmul_peak()
+    rows.append(("cuBLAS bf16 8192^3 (the peak below)", f"{peak:.0f} TFLOP/s", "", ""))
+    variants = [("./run", 1, "TMA products (-a 1)"), ("./run", 0, "simple products (-a 0)")]
+    if against:  # another build, with its default path
+        variants.append((against, 1, f"{against} -a 1"))
+    for shape, lengths in (("0.6B", (2048, 8192, 32768)), ("8B", (2048,))):
+        checkpoint = os.path.join(work, f"synthetic-{shape}.bin")
+        try:
+            synthetic(checkpoint, shape, 1)
+            for n in lengths:
+                for binary, fused, name in variants:
+                    _, err = run([binary, checkpoint, "-i", prompt_of(n), "-t", "0", "-n", "1", "-c", str(n + 256),
+                                  "-a", str(fused)])
+                    tps = field(r"\[prefill: \d+ tokens, ([\d.]+) tok/s", err)
+                    tflops = tps * prefill_flops(shape, field(r"\[prefill: (\d+) tokens", err)) / 1e12
+                    rows.append((f"{shape} prefill, {n}-token prompt, {name}", f"{tps:.0f} tok/s",
+                                 f"{tflops:.0f} TFLOP/s", f"{tflops / peak:.0%} of peak"))
+            if shape == "0.6B":
+                ppl_text = os.path.join(work, "ppl.txt")
+                open(ppl_text, "w", encoding="utf-8").write(prompt_of(32768))
+                for binary, fused, name in variants:
+                    _, err = run([binary, checkpoint, "-m", "ppl", "-f", ppl_text, "-c", "2048", "-a", str(fused)])
+                    ppl_tps = float(re.findall(r"([\d.]+) tok/s\]", err)[-1])
+                    rows.append((f"{shape} perplexity mode (32k tokens, windows of 2048), {name}",
+                                 f"{ppl_tps:.0f} tok/s", "", ""))
+        except Exception as e:  # noqa: BLE001 (a failed run is a row; the others still run)
+            last = str(e).strip().splitlines()[-1][:100] if str(e).strip() else ""
+            print(f"{shape} prefill failed: {e}", file=sys.stderr)
+            rows.append((f"{shape} prefill: FAILED", type(e).__name__, last, ""))
+            failed.append(f"{shape} prefill")
+        finally:
+            if os.path.exists(checkpoint):
+                os.remove(checkpoint)
+
+
 def main():
     gpu = torch.cuda.get_device_name()
     bw = copy_bandwidth()
@@ -169,7 +236,7 @@ def main():
     prompt_of = lambda n: tok.decode(ids[:n])  # noqa: E731 (about n tokens of Shakespeare)
     rows.append(("device-to-device copy", f"{bw / 1e12:.2f} TB/s", "", ""))
 
-    if against:  # A/B: three alternating runs each, medians
+    if against and not prefill_only:  # A/B: three alternating runs each, medians
         checkpoint = os.path.join(work, "synthetic-0.6B.bin")
         read, kv_per_token = synthetic(checkpoint, "0.6B")
         for ctx in (128, 1024, 4096):
@@ -184,6 +251,9 @@ def main():
                              f"floor {floor:.0f}", f"{tps / floor:.0%}"))
         return print_table(gpu)
 
+    if prefill_only:
+        prefill_table(prompt_of)
+        return print_table(gpu)
     decode_table(bw, prompt_of)
     if decode_only:
         return print_table(gpu)

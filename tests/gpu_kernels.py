@@ -50,7 +50,7 @@ if not os.environ.get("KERNELS_LIB"):
     build()
 lib = ctypes.CDLL(LIB)
 P, I, Fl, S = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-lib.rmsnorm_gpu.argtypes = [P, P, P, I, I, Fl, S]
+lib.rmsnorm_gpu.argtypes = [P, I, P, P, I, I, Fl, S]
 lib.qk_norm_rope_gpu.argtypes = [P, P, P, P, P, Fl, P, P, I, P, I, I, I, Fl, Fl, S]
 lib.matvec_gpu.argtypes = [P, P, P, I, P, P, I, I, I, S]
 lib.swiglu_matvec_gpu.argtypes = [P, P, P, I, P, I, I, S]
@@ -149,8 +149,14 @@ def test_rmsnorm():
     for n, dim in [(1, 1024), (3, 2560), (1, 896), (2, 16)]:
         x, w = randn(n, dim, scale=3.0), torch.rand(dim, device=dev) + 0.5
         out = nan_like((n, dim))
-        lib.rmsnorm_gpu(ptr(out), ptr(x), ptr(w), n, dim, 1e-6, stream())
+        lib.rmsnorm_gpu(ptr(out), DT[torch.float32], ptr(x), ptr(w), n, dim, 1e-6, stream())
         record(f"rmsnorm n={n} dim={dim}", "f32", out, rmsnorm_ref(x, w, 1e-6), TOL_F32)
+    for dtype in (torch.bfloat16, torch.float16):  # the prefill's output, rounded once for the products
+        n, dim = 5, 1024
+        x, w = randn(n, dim, scale=3.0), torch.rand(dim, device=dev) + 0.5
+        out = nan_like((n, dim), dtype)
+        lib.rmsnorm_gpu(ptr(out), DT[dtype], ptr(x), ptr(w), n, dim, 1e-6, stream())
+        record(f"rmsnorm n={n} dim={dim}, stored as", NAME[dtype], out, rmsnorm_ref(x, w, 1e-6), TOL_STORE[dtype])
 
 
 def test_matvec():

@@ -1,14 +1,17 @@
-"""GPU checks and timings of the prefill launchers (kernels.h): matmul_gpu, swiglu_gpu,
-qk_norm_rope_batch_gpu, attention_prefill_gpu.
+"""GPU checks and timings of the prefill launchers (kernels.h): matmul_gpu and matmul_simple_gpu,
+lm_head_loss_gpu, swiglu_gpu, qk_norm_rope_batch_gpu, attention_prefill_gpu.
 
 Runs on the GPU machine, from the repo root: python3 tests/gpu_prefill.py
 Builds build/libkernels.so (make), calls it through ctypes on
 torch tensors, and compares with torch float64 references on the same rounded inputs.
 
 Thresholds (relative L2 error):
-  matmul, 16-bit weights, vs float64 of (x rounded to w's type) . w: 1e-4 (only fp32 accumulation
-    order differs); vs float64 of the unrounded fp32 x: 3e-3 bf16, 5e-4 fp16 (x's rounding)
-  matmul, int8 (Q8_0) weights, dequantized to bf16 on the way to the tensor cores and x rounded to bf16:
+  matmul (both kernels), 16-bit weights, x in w's type (kernels.h: matmul_input_dtype), vs float64 of
+    the same x and w: 1e-4 (only fp32 accumulation order differs)
+  lm_head_loss (both kernels) vs float64 logsumexp(x . w) - (x . w)[target] on the same inputs: 1e-5
+    (fp32 logits, sums of exponentials in fp32); NaN exactly where the target is out of range, and in
+    every row when a weight is NaN
+  matmul, int8 (Q8_0) weights, dequantized to bf16 on the way to the tensor cores, x in bf16:
     vs float64 of bf16(x) . bf16(float32(q) * float32(scale)): 1e-4 (as the 16-bit weights); vs float64
     of the fp32 x and the exact dequantized weights: 6e-3 (two independent bf16 roundings, x's and w's,
     each of rms relative error 1.7e-3: 2.4e-3 expected; 2.5x that, on cases of >= 256 outputs)
@@ -51,10 +54,16 @@ def build():
     lib = ctypes.CDLL(LIB)
     P, I, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.matmul_gpu.argtypes = [P, P, P, I, P, P, I, I, I, I, P]
-    lib.swiglu_gpu.argtypes = [P, P, I, I, P]
+    lib.matmul_simple_gpu.argtypes = [P, P, P, I, P, P, I, I, I, I, P]
+    lib.lm_head_loss_scratch_floats.argtypes = [I, I]
+    lib.lm_head_loss_scratch_floats.restype = ctypes.c_size_t
+    lib.lm_head_loss_gpu.argtypes = [P, P, P, I, P, P, I, I, I, P, I, P]
+    lib.swiglu_gpu.argtypes = [P, I, P, I, I, P]
+    lib.cross_entropy_gpu.argtypes = [P, P, P, I, I, P]
     lib.qk_norm_rope_batch_gpu.argtypes = [P, P, P, Fl, P, P, I, I, I, I, I, I, Fl, Fl, P]
-    lib.attention_prefill_gpu.argtypes = [P, P, P, P, I, I, I, I, I, I, Fl, P]
-    for f in (lib.matmul_gpu, lib.swiglu_gpu, lib.qk_norm_rope_batch_gpu, lib.attention_prefill_gpu):
+    lib.attention_prefill_gpu.argtypes = [P, I, P, P, P, I, I, I, I, I, I, Fl, P]
+    for f in (lib.matmul_gpu, lib.matmul_simple_gpu, lib.lm_head_loss_gpu, lib.swiglu_gpu, lib.cross_entropy_gpu,
+              lib.qk_norm_rope_batch_gpu, lib.attention_prefill_gpu):
         f.restype = None
     return lib
 
@@ -101,34 +110,42 @@ def bench(fn, inner=10, reps=30):
 
 # ---- matmul ------------------------------------------------------------------------------------
 
-def matmul(out, w, x, bias, accumulate, scales=None):
+ACT = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16,
+       torch.int8: torch.bfloat16}  # the type of x for w's type: kernels.h, matmul_input_dtype
+PATHS = (("tma", lib.matmul_gpu), ("simple", lib.matmul_simple_gpu))
+
+
+def matmul(out, w, x, bias, accumulate, scales=None, fn=lib.matmul_gpu):
     T, cols = x.shape
-    lib.matmul_gpu(p(out), p(w), p(scales), DT[w.dtype], p(x), p(bias), T, w.shape[0], cols, accumulate, STREAM)
+    fn(p(out), p(w), p(scales), DT[w.dtype], p(x), p(bias), T, w.shape[0], cols, accumulate, STREAM)
 
 
 def check_matmul(gen):
-    cases = [(1, 8, 8), (37, 136, 40), (130, 264, 1000), (257, 1000, 72), (2048, 4096, 1024), (5, 151936, 1024)]
+    # T, rows, cols: tails in every dimension (tokens past 128, rows past the tile, k past 64); 128-row
+    # and 256-row tiles of the TMA kernel (it picks 256 where they fill the GPU: 2048x4096, 1100x10008,
+    # the LM head)
+    cases = [(1, 8, 8), (37, 136, 40), (130, 264, 1000), (257, 1000, 72), (2048, 4096, 1024), (5, 151936, 1024),
+             (1100, 10008, 328)]
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for i, (T, R, C) in enumerate(cases):
-            if dtype == torch.float32 and R > 10000:
-                continue
-            x = torch.randn(T, C, generator=gen, device=dev)
-            w = (torch.randn(R, C, generator=gen, device=dev) / math.sqrt(C)).to(dtype)
-            bias = torch.randn(R, generator=gen, device=dev) if i % 2 else None
-            accumulate = i % 3 == 1
-            prev = torch.randn(T, R, generator=gen, device=dev)
-            out = prev.clone() if accumulate else torch.full((T, R), float("nan"), device=dev)
-            matmul(out, w, x, bias, int(accumulate))
-            torch.cuda.synchronize()
-            base = (prev.double() if accumulate else 0) + (bias.double() if bias is not None else 0)
-            ref_r = base + x.to(dtype).double() @ w.double().T
-            ref_x = base + x.double() @ w.double().T
-            case = f"matmul {NAME[dtype]} T={T} {R}x{C}{' +bias' if bias is not None else ''}{' +=' if accumulate else ''}"
-            if dtype == torch.float32:
-                check(case, rel(out, ref_r), 1e-6)
-            else:
-                check(case + " (rounded x)", rel(out, ref_r), 1e-4)
-                check(case + " (fp32 x)", rel(out, ref_x), 3e-3 if dtype == torch.bfloat16 else 5e-4)
+        for path, fn in PATHS:
+            if dtype == torch.float32 and path == "simple":
+                continue  # one fp32 kernel
+            for i, (T, R, C) in enumerate(cases):
+                if dtype == torch.float32 and R > 10000:
+                    continue
+                x = torch.randn(T, C, generator=gen, device=dev).to(ACT[dtype])
+                w = (torch.randn(R, C, generator=gen, device=dev) / math.sqrt(C)).to(dtype)
+                bias = torch.randn(R, generator=gen, device=dev) if i % 2 else None
+                accumulate = i % 3 == 1
+                prev = torch.randn(T, R, generator=gen, device=dev)
+                out = prev.clone() if accumulate else torch.full((T, R), float("nan"), device=dev)
+                matmul(out, w, x, bias, int(accumulate), fn=fn)
+                torch.cuda.synchronize()
+                base = (prev.double() if accumulate else 0) + (bias.double() if bias is not None else 0)
+                ref = base + x.double() @ w.double().T
+                case = (f"matmul {path} {NAME[dtype]} T={T} {R}x{C}{' +bias' if bias is not None else ''}"
+                        f"{' +=' if accumulate else ''}")
+                check(case, rel(out, ref), 1e-6 if dtype == torch.float32 else 1e-4)
 
 
 def check_matmul_int8(gen):
@@ -148,10 +165,11 @@ def check_matmul_int8(gen):
         accumulate = i % 3 == 1
         prev = torch.randn(T, R, generator=gen, device=dev)
         out = prev.clone() if accumulate else torch.full((T, R), float("nan"), device=dev)
-        matmul(out, q, x, bias, int(accumulate), sc)
+        xb = x.to(torch.bfloat16)
+        matmul(out, q, xb, bias, int(accumulate), sc)
         torch.cuda.synchronize()
         base = (prev.double() if accumulate else 0) + (bias.double() if bias is not None else 0)
-        ref_r = base + x.to(torch.bfloat16).double() @ wd.to(torch.bfloat16).double().T
+        ref_r = base + xb.double() @ wd.to(torch.bfloat16).double().T
         ref_x = base + x.double() @ wd.double().T
         case = f"matmul int8 T={T} {R}x{C}{' +bias' if bias is not None else ''}{' +=' if accumulate else ''}"
         check(case + " (bf16 x, bf16 dequantized w)", rel(out, ref_r), 1e-4)
@@ -160,14 +178,65 @@ def check_matmul_int8(gen):
     int8_ran = True
 
 
+# ---- the LM head fused with the cross entropy ----------------------------------------------------
+
+def lm_head_loss(nll, w, x, targets, scales=None, simple=False):
+    T, D = x.shape
+    V = w.shape[0]
+    scratch = torch.empty(lib.lm_head_loss_scratch_floats(T, V), device=dev)
+    lib.lm_head_loss_gpu(p(nll), p(w), p(scales), DT[w.dtype], p(x), p(targets), T, V, D, p(scratch), int(simple),
+                         STREAM)
+
+
+def check_lm_head_loss(gen):
+    """nll of random rows against float64; targets -1 and vocab give NaN; a NaN weight gives NaN everywhere"""
+    cases = [(37, 1000, 64, torch.bfloat16), (300, 151936, 1024, torch.bfloat16), (130, 5000, 256, torch.float16),
+             (64, 1152, 896, torch.int8), (1100, 10008, 328, torch.bfloat16)]
+    for T, V, D, dtype in cases:
+        for simple in (False, True):
+            x = torch.randn(T, D, generator=gen, device=dev).to(ACT[dtype])
+            wf = torch.randn(V, D, generator=gen, device=dev) * (3 / math.sqrt(D))  # logits of spread ~3
+            if dtype == torch.int8:
+                w, sc = q8_0(wf)
+                w_ref = dequant(w, sc).to(torch.bfloat16)
+            else:
+                w, sc = wf.to(dtype), None
+                w_ref = w
+            targets = torch.randint(0, V, (T,), generator=gen, device=dev, dtype=torch.int32)
+            targets[0], targets[1] = -1, V
+            nll = torch.full((T,), float("nan"), device=dev)
+            lm_head_loss(nll, w, x, targets, sc, simple)
+            torch.cuda.synchronize()
+            logits = x.double() @ w_ref.double().T
+            ref = logits.logsumexp(-1) - logits.gather(1, targets.clamp(0, V - 1).long()[:, None])[:, 0]
+            ok_rows = torch.ones(T, dtype=torch.bool, device=dev)
+            ok_rows[:2] = False
+            case = f"lm_head_loss {'simple' if simple else 'tma'} {NAME[dtype]} T={T} V={V} D={D}"
+            check(case, rel(nll[ok_rows], ref[ok_rows]), 1e-5)
+            check(case + ": NaN for targets -1, V", 0.0 if bool(nll[:2].isnan().all()) else math.inf, 0.0)
+    for simple in (False, True):  # a NaN weight: every row's logits hold a NaN
+        T, V, D = 20, 600, 64
+        x = torch.randn(T, D, generator=gen, device=dev).to(torch.bfloat16)
+        w = torch.randn(V, D, generator=gen, device=dev).to(torch.bfloat16)
+        w[517, 3] = float("nan")
+        targets = torch.randint(0, V, (T,), generator=gen, device=dev, dtype=torch.int32)
+        nll = torch.zeros(T, device=dev)
+        lm_head_loss(nll, w, x, targets, None, simple)
+        torch.cuda.synchronize()
+        check(f"lm_head_loss {'simple' if simple else 'tma'}: a NaN weight makes every row NaN",
+              0.0 if bool(nll.isnan().all()) else math.inf, 0.0)
+
+
 def check_swiglu(gen):
     for T, H in ((1, 8), (33, 3072)):
         gu = torch.randn(T, 2 * H, generator=gen, device=dev) * 3
-        h = torch.full((T, H), float("nan"), device=dev)
-        lib.swiglu_gpu(p(h), p(gu), T, H, STREAM)
-        torch.cuda.synchronize()
         g, u = gu.double()[:, :H], gu.double()[:, H:]
-        check(f"swiglu T={T} hidden={H}", rel(h, F.silu(g) * u), 1e-6)
+        for dtype in (torch.float32, torch.bfloat16):
+            h = torch.full((T, H), float("nan"), device=dev, dtype=dtype)
+            lib.swiglu_gpu(p(h), DT[dtype], p(gu), T, H, STREAM)
+            torch.cuda.synchronize()
+            check(f"swiglu T={T} hidden={H} {NAME[dtype]}", rel(h, F.silu(g) * u),
+                  1e-6 if dtype == torch.float32 else 2 ** -8)  # bf16: one rounding
 
 
 # ---- qk_norm + RoPE + cache store --------------------------------------------------------------
@@ -234,7 +303,8 @@ def make_attention(gen, T, pos0, nh, nkv, hd, kvt, q_gain=1.0):
 
 
 def attention(out, qkv, kc, vc, pos0, T, nh, nkv, hd, scale):
-    lib.attention_prefill_gpu(p(out), p(qkv), p(kc), p(vc), DT[kc.dtype], pos0, T, nh, nkv, hd, scale, STREAM)
+    lib.attention_prefill_gpu(p(out), DT[out.dtype], p(qkv), p(kc), p(vc), DT[kc.dtype], pos0, T, nh, nkv, hd, scale,
+                              STREAM)
 
 
 def attention_ref(qkv, kc, vc, pos0, T, nh, nkv, hd, scale):
@@ -265,43 +335,88 @@ def check_attention(gen):
         (40, 20, 4, 4, 256, torch.bfloat16, 1.0),
         (25, 3, 4, 1, 8, torch.bfloat16, 1.0),
     ]
-    for T, pos0, nh, nkv, hd, kvt, gain in cases:
+    out_types = (torch.float32, torch.bfloat16, torch.float16)  # the output as the o_proj product reads it
+    out_rounding = {torch.float32: 0.0, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}
+    for i, (T, pos0, nh, nkv, hd, kvt, gain) in enumerate(cases):
         qkv, kc, vc = make_attention(gen, T, pos0, nh, nkv, hd, kvt, gain)
         scale = 1.0 / math.sqrt(hd)
-        out = torch.full((T, nh * hd), float("nan"), device=dev)
+        ot = out_types[i % 3]
+        out = torch.full((T, nh * hd), float("nan"), device=dev, dtype=ot)
         attention(out, qkv, kc, vc, pos0, T, nh, nkv, hd, scale)
         torch.cuda.synchronize()
         ref = attention_ref(qkv, kc, vc, pos0, T, nh, nkv, hd, scale)
         tol = 1e-4 if hd not in (64, 128) else (5e-3 if kvt == torch.bfloat16 else 1e-3)
-        check(f"attention {NAME[kvt]} T={T} pos0={pos0} {nh}:{nkv} hd={hd}", rel(out, ref), tol)
+        check(f"attention {NAME[kvt]} T={T} pos0={pos0} {nh}:{nkv} hd={hd} to {NAME[ot]}", rel(out, ref),
+              tol + out_rounding[ot])
 
 
 # ---- timings -----------------------------------------------------------------------------------
 
 def time_matmul(gen):
-    """bf16 weights, then int8 weights on the same shape (torch: F.linear on their bf16 dequantized values)"""
+    """bf16 products of the 0.6B and 8B shapes at 512, 2048 and 8192 tokens (the LM head at 2048): the TMA
+    kernel, the simple one, and cuBLAS (F.linear, bf16 out: half the bytes of our fp32 out); then int8
+    weights on the 0.6B shapes at 2048 (torch: F.linear on their bf16 dequantized values)"""
+    shapes = {"0.6B": (("qkv", 4096, 1024), ("o_proj", 1024, 2048), ("gate_up", 6144, 1024), ("down", 1024, 3072),
+                       ("lm_head", 151936, 1024)),
+              "8B": (("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 24576, 4096), ("down", 4096, 12288),
+                     ("lm_head", 151936, 4096))}
+    for model, mats in shapes.items():
+        for T in (512, 2048, 8192):
+            for name, R, C in mats:
+                if name == "lm_head" and T != 2048:
+                    continue
+                xb = torch.randn(T, C, generator=gen, device=dev).to(torch.bfloat16)
+                w = (torch.randn(R, C, generator=gen, device=dev) / math.sqrt(C)).to(torch.bfloat16)
+                out = torch.empty(T, R, device=dev)
+                big = 2 * T * R * C > 1e12
+                inner, reps = (3, 10) if big else (10, 30)
+                simple = bench(lambda: matmul(out, w, xb, None, 0, fn=lib.matmul_simple_gpu), inner, reps)
+                ours = bench(lambda: matmul(out, w, xb, None, 0), inner, reps)
+                ref = bench(lambda: F.linear(xb, w), inner, reps)
+                err = rel(out, F.linear(xb.float(), w.float()))  # fp32 (tf32 off): far under the 1e-4 bound
+                tf = lambda us: 2 * T * R * C / us / 1e6  # noqa: E731
+                check(f"time matmul {model} {name} T={T} {R}x{C} [TFLOP/s: tma {tf(ours):.0f}, simple {tf(simple):.0f}, "
+                      f"cuBLAS {tf(ref):.0f}]", err, 1e-4, ours, ref)
+                del out
+    if not int8_ran:  # a fault of the int8 kernel is reported by check_matmul_int8, not again here
+        return
     T = 2048
-    for name, R, C in (("qkv", 4096, 1024), ("o_proj", 1024, 2048), ("gate_up", 6144, 1024),
-                       ("down", 1024, 3072), ("lm_head", 151936, 1024)):
-        x = torch.randn(T, C, generator=gen, device=dev)
+    for name, R, C in shapes["0.6B"]:
+        xb = torch.randn(T, C, generator=gen, device=dev).to(torch.bfloat16)
         w = (torch.randn(R, C, generator=gen, device=dev) / math.sqrt(C)).to(torch.bfloat16)
         out = torch.empty(T, R, device=dev)
-        xb = x.to(torch.bfloat16)
-        ours = bench(lambda: matmul(out, w, x, None, 0))
-        ref = bench(lambda: F.linear(xb, w))
-        err = rel(out, xb.double() @ w.double().T)
-        flop = 2 * T * R * C
-        check(f"time matmul bf16 {name} T={T} {R}x{C} [ours {flop / ours / 1e6:.0f} / torch "
-              f"{flop / ref / 1e6:.0f} TFLOP/s]", err, 1e-4, ours, ref)
-        if not int8_ran:  # a fault of the int8 kernel is reported by check_matmul_int8, not again here
-            continue
+        ours = bench(lambda: matmul(out, w, xb, None, 0))
         q, sc = q8_0(w.float())
         wb = dequant(q, sc).to(torch.bfloat16)
-        ours8 = bench(lambda: matmul(out, q, x, None, 0, sc))
+        ours8 = bench(lambda: matmul(out, q, xb, None, 0, sc))
         ref8 = bench(lambda: F.linear(xb, wb))
         err = rel(out, xb.double() @ wb.double().T)
-        check(f"time matmul int8 {name} T={T} {R}x{C} [ours {flop / ours8 / 1e6:.0f} TFLOP/s, "
+        check(f"time matmul int8 {name} T={T} {R}x{C} [ours {2 * T * R * C / ours8 / 1e6:.0f} TFLOP/s, "
               f"{ours8 / ours:.2f}x the bf16 time]", err, 1e-4, ours8, ref8)
+
+
+def time_lm_head_loss(gen):
+    """perplexity's LM head at run.c's 1024-token chunk: fused with the cross entropy, against the logits
+    through memory (our product + cross_entropy_gpu; torch: F.linear + F.cross_entropy)"""
+    T, V = 1024, 151936
+    for D in (1024, 4096):
+        xb = torch.randn(T, D, generator=gen, device=dev).to(torch.bfloat16)
+        w = (torch.randn(V, D, generator=gen, device=dev) * (3 / math.sqrt(D))).to(torch.bfloat16)
+        targets = torch.randint(0, V, (T,), generator=gen, device=dev, dtype=torch.int32)
+        nll, nll2 = torch.empty(T, device=dev), torch.empty(T, device=dev)
+        logits = torch.empty(T, V, device=dev)
+        scratch = torch.empty(lib.lm_head_loss_scratch_floats(T, V), device=dev)
+        fused = bench(lambda: lib.lm_head_loss_gpu(p(nll), p(w), None, DT[w.dtype], p(xb), p(targets), T, V, D,
+                                                   p(scratch), 0, STREAM), 3, 10)
+
+        def unfused():
+            matmul(logits, w, xb, None, 0)
+            lib.cross_entropy_gpu(p(nll2), p(logits), p(targets), T, V, STREAM)
+        through_memory = bench(unfused, 3, 10)
+        ref = bench(lambda: F.cross_entropy(F.linear(xb, w).float(), targets.long(), reduction="none"), 3, 10)
+        err = rel(nll, nll2)
+        check(f"time lm_head_loss T={T} V={V} D={D} [logits through memory {through_memory:.0f} us]", err, 1e-5,
+              fused, ref)
 
 
 def time_attention(gen):
@@ -323,6 +438,26 @@ def time_attention(gen):
         flop = 4 * B * H * S * S * D / 2
         check(f"time attention causal ({B},{H},{S},{D}) [ours {flop / ours / 1e6:.0f} TFLOP/s; "
               f"sdpa full {full:.1f} us]", err, 5e-3, ours, causal)
+    nh, nkv, D = 16, 8, 128  # the 0.6B's own heads; SDPA gets K/V repeated per query head (same FLOPs)
+    for S in (2048, 8192, 32768):
+        qkv, kc, vc = make_attention(gen, S, 0, nh, nkv, D, torch.bfloat16)
+        kc, vc = kc[:S].contiguous(), vc[:S].contiguous()
+        scale = 1.0 / math.sqrt(D)
+        out = torch.empty(S, nh * D, device=dev, dtype=torch.bfloat16)
+        inner, reps = (1, 5) if S > 8192 else (3, 10)
+        ours = bench(lambda: attention(out, qkv, kc, vc, 0, S, nh, nkv, D, scale), inner, reps)
+        q = qkv[:, : nh * D].view(S, nh, D).transpose(0, 1)[None].to(torch.bfloat16).contiguous()
+        k = kc.transpose(0, 1).repeat_interleave(nh // nkv, 0)[None].contiguous()
+        v = vc.transpose(0, 1).repeat_interleave(nh // nkv, 0)[None].contiguous()
+        sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), inner, reps)
+        if S <= 2048:  # float64 reference; beyond, SDPA's own bf16 output (its error is ~4e-3)
+            err, tol = rel(out, attention_ref(qkv, kc, vc, 0, S, nh, nkv, D, scale)), 5e-3 + 2 ** -8
+        else:
+            sdpa_out = F.scaled_dot_product_attention(q, k, v, is_causal=True)[0].transpose(0, 1).reshape(S, nh * D)
+            err, tol = rel(out, sdpa_out), 1e-2
+        flop = 4 * nh * S * S * D / 2
+        check(f"time attention causal GQA {nh}:{nkv} S={S} D={D} [ours {flop / ours / 1e6:.0f} TFLOP/s]", err, tol,
+              ours, sdpa)
 
 
 def time_layer(gen):
@@ -337,32 +472,40 @@ def time_layer(gen):
     w_lm = (torch.randn(V, D, generator=gen, device=dev) / 32).to(bf)
     qn = torch.rand(hd, generator=gen, device=dev) + 0.5
     kn = torch.rand(hd, generator=gen, device=dev) + 0.5
-    xb = torch.randn(T, D, generator=gen, device=dev)
+    xb = torch.randn(T, D, generator=gen, device=dev).to(bf)
     x = torch.randn(T, D, generator=gen, device=dev)
-    qkv, att = torch.empty(T, QKV, device=dev), torch.empty(T, qd, device=dev)
-    gu, h = torch.empty(T, 2 * Hd, device=dev), torch.empty(T, Hd, device=dev)
+    qkv, att = torch.empty(T, QKV, device=dev), torch.empty(T, qd, device=dev, dtype=bf)
+    gu, h = torch.empty(T, 2 * Hd, device=dev), torch.empty(T, Hd, device=dev, dtype=bf)
     kc = torch.empty(T, nkv, hd, device=dev, dtype=bf)
     vc = torch.empty(T, nkv, hd, device=dev, dtype=bf)
-    logits = torch.empty(T, V, device=dev)
+    logits = torch.empty(1, V, device=dev)
+    targets = torch.randint(0, V, (T,), generator=gen, device=dev, dtype=torch.int32)
+    nll = torch.empty(T, device=dev)
+    scratch = torch.empty(lib.lm_head_loss_scratch_floats(T, V), device=dev)
+    parts = {}
 
-    def layer():
-        matmul(qkv, w_qkv, xb, None, 0)
+    def layer(fn):
+        matmul(qkv, w_qkv, xb, None, 0, fn=fn)
         lib.qk_norm_rope_batch_gpu(p(qkv), p(qn), p(kn), 1.0, p(kc), p(vc), DT[bf], 0, T, nh, nkv, hd, 1e6, 1e-6, STREAM)
         attention(att, qkv, kc, vc, 0, T, nh, nkv, hd, 1.0 / math.sqrt(hd))
-        matmul(x, w_o, att, None, 1)
-        matmul(gu, w_gu, xb, None, 0)
-        lib.swiglu_gpu(p(h), p(gu), T, Hd, STREAM)
-        matmul(x, w_d, h, None, 1)
+        matmul(x, w_o, att, None, 1, fn=fn)
+        matmul(gu, w_gu, xb, None, 0, fn=fn)
+        lib.swiglu_gpu(p(h), DT[bf], p(gu), T, Hd, STREAM)
+        matmul(x, w_d, h, None, 1, fn=fn)
 
-    layer_us = bench(layer, inner=5, reps=20)
-    head_last = bench(lambda: matmul(logits[:1], w_lm, xb[:1], None, 0))
-    head_all = bench(lambda: matmul(logits, w_lm, xb, None, 0), inner=3, reps=10)
-    prefill_ms = (L * layer_us + head_last) / 1e3
-    ppl_ms = (L * layer_us + head_all) / 1e3
-    print(f"Qwen3-0.6B T=2048, our kernels, RMSNorms excluded: layer {layer_us:.0f} us; LM head last token "
-          f"{head_last:.0f} us, all tokens {head_all:.0f} us")
-    print(f"  prefill {prefill_ms:.2f} ms = {T / prefill_ms * 1e3 / 1e3:.0f}k tok/s; "
-          f"perplexity (all logits) {ppl_ms:.2f} ms = {T / ppl_ms * 1e3 / 1e3:.0f}k tok/s (HF prefill: 81k tok/s)")
+    for path, fn in PATHS:
+        parts[path] = bench(lambda: layer(fn), inner=5, reps=20)
+    parts["attention"] = bench(lambda: attention(att, qkv, kc, vc, 0, T, nh, nkv, hd, 1.0 / math.sqrt(hd)))
+    head_last = bench(lambda: matmul(logits, w_lm, xb[:1], None, 0))
+    head_loss = bench(lambda: lib.lm_head_loss_gpu(p(nll), p(w_lm), None, DT[bf], p(xb), p(targets), T, V, D,
+                                                   p(scratch), 0, STREAM), inner=3, reps=10)
+    for path in ("tma", "simple"):
+        prefill_ms = (L * parts[path] + head_last) / 1e3
+        ppl_ms = (L * parts[path] + head_loss) / 1e3
+        print(f"Qwen3-0.6B T=2048, {path} products, RMSNorms excluded: layer {parts[path]:.0f} us (attention "
+              f"{parts['attention']:.0f}); LM head last token {head_last:.0f} us, loss of all tokens {head_loss:.0f} us")
+        print(f"  prefill {prefill_ms:.2f} ms = {T / prefill_ms:.0f}k tok/s; perplexity {ppl_ms:.2f} ms = "
+              f"{T / ppl_ms:.0f}k tok/s")
 
 
 def main():
@@ -370,8 +513,8 @@ def main():
     gen.manual_seed(1234)
     print(torch.cuda.get_device_name(), torch.__version__)
     # int8 after the older checks: a fault there (a sticky CUDA error) cannot take their results with it
-    for part in (check_matmul, check_swiglu, check_rope, check_attention, check_matmul_int8, time_matmul,
-                 time_attention, time_layer):
+    for part in (check_matmul, check_lm_head_loss, check_swiglu, check_rope, check_attention, check_matmul_int8,
+                 time_matmul, time_lm_head_loss, time_attention, time_layer):
         try:
             part(gen)
         except Exception as e:  # noqa: BLE001 (a part that raises is a failure; the others still run)
