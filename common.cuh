@@ -384,13 +384,15 @@ template <typename KV>
 __device__ __forceinline__ void qk_norm_rope_head(int head, float* q, float* k, const float* v,
                                                   const float* q_norm, const float* k_norm, float k_scale,
                                                   KV* k_cache, KV* v_cache, int pos, int n_heads,
-                                                  int n_kv_heads, int head_dim, float theta, float eps) {
+                                                  int n_kv_heads, int head_dim, float theta, float eps,
+                                                  const float* inv_freq = nullptr) {
     if (head < n_heads) {
-        norm_rope_head<KV>(q + (size_t)head * head_dim, q_norm, head_dim, pos, theta, eps, nullptr, 1.f);
+        norm_rope_head<KV>(q + (size_t)head * head_dim, q_norm, head_dim, pos, theta, eps, nullptr, 1.f, inv_freq);
     } else {
         const int kvh = head - n_heads;
         const size_t row = ((size_t)pos * n_kv_heads + kvh) * head_dim;
-        norm_rope_head<KV>(k + (size_t)kvh * head_dim, k_norm, head_dim, pos, theta, eps, k_cache + row, k_scale);
+        norm_rope_head<KV>(k + (size_t)kvh * head_dim, k_norm, head_dim, pos, theta, eps, k_cache + row, k_scale,
+                           inv_freq);
         store_row<KV>(v_cache + row, v + (size_t)kvh * head_dim, head_dim);
     }
 }

@@ -128,6 +128,12 @@ void lm_head_loss_gpu(float* nll, const void* w, const void* scales, int wdtype,
 // h (n_tokens, hidden) of h_dtype = silu(gate_up[:, :hidden]) * gate_up[:, hidden:], gate_up
 // (n_tokens, 2*hidden) fp32; hidden % 4 == 0.
 void swiglu_gpu(void* h, int h_dtype, const float* gate_up, int n_tokens, int hidden, cudaStream_t stream);
+// The MLP's first half: h (n_tokens, hidden) of matmul_input_dtype(wdtype) = silu(x . gate^T) * (x . up^T),
+// w_gate_up (2*hidden, dim): gate rows, then up. bf16/fp16 w (and not simple): one TMA product with
+// SwiGLU in its epilogue; otherwise matmul (simple or not) into gate_up (n_tokens, 2*hidden) fp32 and
+// swiglu_gpu.
+void swiglu_matmul_gpu(void* h, const void* w_gate_up, const void* scales, int wdtype, const void* x, int n_tokens,
+                       int hidden, int dim, float* gate_up, int simple, cudaStream_t stream);
 
 // rope.cu, attention.cu: qkv (n_tokens, (n_heads + 2*n_kv_heads) * head_dim), rows [q | k | v].
 // Per-head q_norm/k_norm (skipped when NULL) then NeoX RoPE at position pos0 + t, in place on q and

@@ -5,9 +5,10 @@
 // in the tensor cores' type (kernels.h, matmul_input_dtype).
 //
 // Two kernels compute the product, both in block tiles of 128 tokens x 128 or 256 weight rows:
-//   matmul_tma_kernel, the fast path (bf16, fp16 weights): one producer thread has the copy engine
-//     (TMA) fill a ring of shared-memory stages, two consumer warpgroups run wgmma on them, and
-//     each stage goes back to the producer as soon as its wgmmas are done.
+//   matmul_tma_kernel, the fast path (bf16, fp16 weights): one block per SM walks over tiles; one
+//     producer thread has the copy engine (TMA) fill a ring of shared-memory stages, two consumer
+//     warpgroups run wgmma on them, and each stage goes back to the producer as soon as its wgmmas
+//     are done.
 //   matmul_simple_kernel, the reference, and the path of int8 weights (dequantized in registers):
 //     every thread loads (cp.async), one block barrier per k step.
 // Each warpgroup of either ends with 64 tokens x 128 weight rows per sub-tile in wgmma's accumulator
@@ -23,6 +24,7 @@
 // acc[4j + 2h + e] of lane `lane` in warp w of the warpgroup is token t0 + 16 w + lane/4 + 8h, weight
 // row r0 + 8j + 2 (lane % 4) + e (rows % 8 == 0 keeps a pair inside or outside the matrix).
 struct StoreOut {
+    static constexpr bool paired = false;  // one sub-tile at a time
     float* out;          // (n_tokens, rows)
     const float* bias;   // (rows) or NULL
     int accumulate;      // out += instead of out =
@@ -51,6 +53,7 @@ struct StoreOut {
 // logit where the target falls in the tile; lm_head_loss_merge_kernel then merges the tiles.
 constexpr int LOSS_TILE = 128;
 struct LossPartials {
+    static constexpr bool paired = false;
     float2* partials;     // (n_tokens, n_tiles) of (m, sum)
     float* target_logit;  // (n_tokens)
     const int* targets;   // (n_tokens)
@@ -101,6 +104,33 @@ struct LossPartials {
     }
 };
 
+// silu(gate) * up, in fp32: the fused epilogue and the SwiGLU kernel compute the same function
+__device__ __forceinline__ float silu_mul(float gate, float up) { return gate / (1.f + expf(-gate)) * up; }
+
+// The MLP's gate and up products with SwiGLU in the epilogue: h = silu(gate) * up, stored in the type
+// the down product reads (O), the gate_up product never in memory. A paired tile holds 128 gate rows
+// and the up rows of the same hidden units, so gate[i] and up[i] are the same unit and token.
+template <typename O> struct SwiGLUOut {
+    static constexpr bool paired = true;
+    O* h;  // (n_tokens, hidden)
+    __device__ __forceinline__ void operator()(const float (&gate)[64], const float (&up)[64], int t0, int u0,
+                                               int n_tokens, int hidden) const {
+        const int lane = threadIdx.x % 32, warp = threadIdx.x / 32 % 4;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const int u = u0 + j * 8 + (lane % 4) * 2;
+            if (u >= hidden) continue;
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int t = t0 + warp * 16 + lane / 4 + r * 8;
+                if (t >= n_tokens) continue;
+                const int i = 4 * j + 2 * r;
+                store2(h + (size_t)t * hidden + u, silu_mul(gate[i], up[i]), silu_mul(gate[i + 1], up[i + 1]));
+            }
+        }
+    }
+};
+
 // ---- the fast path: TMA producer, two wgmma consumer warpgroups -----------------------------------
 
 // Tile 128 tokens x BN weight rows x 64 k per stage: a 16 KB x tile and a BN x 128-byte w tile, each
@@ -140,8 +170,17 @@ __global__ void __launch_bounds__(TMA_THREADS, 1) matmul_tma_kernel(const __grid
     uint8_t* smem = reinterpret_cast<uint8_t*>(((uintptr_t)tma_smem_raw + 1023) & ~(uintptr_t)1023);
     __shared__ uint64_t full[Tile::STAGES];   // the stage's bytes have landed
     __shared__ uint64_t empty[Tile::STAGES];  // the 8 consumer warps are done with the stage
-    const int warpgroup = threadIdx.x / 128, m0 = blockIdx.x * TMA_BM, n0 = blockIdx.y * BN;
-    const int k_tiles = (cols + TMA_BK - 1) / TMA_BK;
+    const int warpgroup = threadIdx.x / 128;
+    const int k_tiles = (cols + TMA_BK - 1) / TMA_BK, m_tiles = (n_tokens + TMA_BM - 1) / TMA_BM;
+    // tile i: tokens (i % m_tiles), weight rows (i / m_tiles): BN of them from w_row(i / m_tiles), in
+    // boxes of 128; a paired epilogue's tile: 128 gate rows and the 128 up rows rows / 2 further
+    constexpr bool PAIRED = Epilogue::paired;
+    static_assert(!PAIRED || BN == 256, "a paired tile is 128 gate rows and 128 up rows");
+    const int n_tiles = m_tiles * (PAIRED ? (rows / 2 + 127) / 128 : (rows + BN - 1) / BN);
+    auto box_row = [&](int tile, int box) {  // the first weight row of the tile's box 0 or 1
+        const int nt = tile / m_tiles;
+        return PAIRED ? nt * 128 + box * (rows / 2) : nt * BN + box * 128;
+    };
     if (threadIdx.x == 0) {
         for (int s = 0; s < Tile::STAGES; s++) {
             mbar_init(&full[s], 1);
@@ -151,51 +190,80 @@ __global__ void __launch_bounds__(TMA_THREADS, 1) matmul_tma_kernel(const __grid
     }
     __syncthreads();
 
+    // Persistent: block b computes tiles b, b + gridDim.x, ...; `it` counts the block's k steps over
+    // all its tiles, so k step `it` uses stage it % STAGES. The producer runs ahead into the next
+    // tile while the consumers store the last one.
     if (warpgroup == 0) {
-        // producer: k tile kt into stage kt % STAGES once the consumers have freed it (rows and k
-        // past the matrices arrive as zeros)
+        // producer: each k step's two tiles into its stage once the consumers have freed it (rows and
+        // k past the matrices arrive as zeros)
         setmaxnreg_dec<40>();
         if (threadIdx.x == 0) {
-            for (int kt = 0; kt < k_tiles; kt++) {
-                const int s = kt % Tile::STAGES;
-                mbar_wait(&empty[s], ((kt / Tile::STAGES) & 1) ^ 1);
-                uint8_t* stage = smem + s * Tile::STAGE_BYTES;
-                mbar_arrive_expect_tx(&full[s], Tile::STAGE_BYTES);
-                tma_load_2d(stage, &x_map, kt * TMA_BK, m0, &full[s]);
-                tma_load_2d(stage + Tile::X_BYTES, &w_map, kt * TMA_BK, n0, &full[s]);
+            int it = 0;
+            for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+                const int m0 = tile % m_tiles * TMA_BM;
+                for (int kt = 0; kt < k_tiles; kt++, it++) {
+                    const int s = it % Tile::STAGES;
+                    mbar_wait(&empty[s], ((it / Tile::STAGES) & 1) ^ 1);
+                    uint8_t* stage = smem + s * Tile::STAGE_BYTES;
+                    mbar_arrive_expect_tx(&full[s], Tile::STAGE_BYTES);
+                    tma_load_2d(stage, &x_map, kt * TMA_BK, m0, &full[s]);
+                    for (int box = 0; box < BN / 128; box++)
+                        tma_load_2d(stage + Tile::X_BYTES + box * 128 * 128, &w_map, kt * TMA_BK, box_row(tile, box),
+                                    &full[s]);
+                }
             }
         }
     } else {
-        // consumers: the wgmmas of k tile kt run while the stage of kt - 1 goes back to the producer
+        // consumers: the wgmmas of k step `it` run while the stage of it - 1 goes back to the producer
         setmaxnreg_inc<232>();
         const int c = warpgroup - 1;
-        float acc[BN / 128][64];
+        const bool signals = threadIdx.x % 32 == 0;  // one arrival per warp on `empty`
+        int it = 0;
+        for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+            float acc[BN / 128][64];
 #pragma unroll
-        for (int n = 0; n < BN / 128; n++)
+            for (int n = 0; n < BN / 128; n++)
 #pragma unroll
-            for (int i = 0; i < 64; i++) acc[n][i] = 0.f;
-        for (int kt = 0; kt < k_tiles; kt++) {
-            const int s = kt % Tile::STAGES;
-            mbar_wait(&full[s], (kt / Tile::STAGES) & 1);
-            const uint8_t* xs = smem + s * Tile::STAGE_BYTES + c * 64 * 128;  // this warpgroup's 64 token rows
-            const uint8_t* ws = smem + s * Tile::STAGE_BYTES + Tile::X_BYTES;
+                for (int i = 0; i < 64; i++) acc[n][i] = 0.f;
+            for (int kt = 0; kt < k_tiles; kt++, it++) {
+                const int s = it % Tile::STAGES;
+                mbar_wait(&full[s], (it / Tile::STAGES) & 1);
+                const uint8_t* xs = smem + s * Tile::STAGE_BYTES + c * 64 * 128;  // this warpgroup's 64 tokens
+                const uint8_t* ws = smem + s * Tile::STAGE_BYTES + Tile::X_BYTES;
+                fence_accumulators(acc);
+                wgmma_fence();
+#pragma unroll
+                for (int ks = 0; ks < TMA_BK / 16; ks++)  // k16 step = 32 bytes further into each 128-byte row
+#pragma unroll
+                    for (int n = 0; n < BN / 128; n++)
+                        wgmma_m64n128k16<T>(acc[n], wgmma_desc(xs) + 2 * ks, wgmma_desc(ws + n * 128 * 128) + 2 * ks);
+                wgmma_commit();
+                wgmma_wait<1>();  // k step it - 1's wgmmas are done
+                fence_accumulators(acc);
+                if (kt > 0 && signals) mbar_arrive(&empty[(it - 1) % Tile::STAGES]);
+            }
+            wgmma_wait<0>();
             fence_accumulators(acc);
-            wgmma_fence();
+            if (signals) mbar_arrive(&empty[(it - 1) % Tile::STAGES]);
+            const int t0 = tile % m_tiles * TMA_BM + c * 64;
+            if constexpr (PAIRED) {
+                epilogue(acc[0], acc[1], t0, box_row(tile, 0), n_tokens, rows / 2);
+            } else {
 #pragma unroll
-            for (int ks = 0; ks < TMA_BK / 16; ks++)  // k16 step = 32 bytes further into each 128-byte row
-#pragma unroll
-                for (int n = 0; n < BN / 128; n++)
-                    wgmma_m64n128k16<T>(acc[n], wgmma_desc(xs) + 2 * ks, wgmma_desc(ws + n * 128 * 128) + 2 * ks);
-            wgmma_commit();
-            wgmma_wait<1>();  // k tile kt - 1's wgmmas are done
-            fence_accumulators(acc);
-            if (kt > 0 && threadIdx.x % 32 == 0) mbar_arrive(&empty[(kt - 1) % Tile::STAGES]);
+                for (int n = 0; n < BN / 128; n++) epilogue(acc[n], t0, box_row(tile, n), n_tokens, rows);
+            }
         }
-        wgmma_wait<0>();
-        fence_accumulators(acc);
-#pragma unroll
-        for (int n = 0; n < BN / 128; n++) epilogue(acc[n], m0 + c * 64, n0 + n * 128, n_tokens, rows);
     }
+}
+
+static int multiprocessors() {
+    static int n_sm = 0;
+    if (!n_sm) {
+        int device;
+        CUDA_CHECK(cudaGetDevice(&device));
+        CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device));
+    }
+    return n_sm;
 }
 
 // The driver's cuTensorMapEncodeTiled, looked up once through the runtime.
@@ -242,9 +310,10 @@ static void launch_tma(Epilogue epilogue, const void* w, const void* x, int n_to
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)TmaTile<BN>::SMEM));
         configured = true;
     }
-    const dim3 grid((n_tokens + TMA_BM - 1) / TMA_BM, (rows + BN - 1) / BN);
+    const long tiles = (long)((n_tokens + TMA_BM - 1) / TMA_BM) * ((rows + BN - 1) / BN);
+    const int grid = (int)(tiles < multiprocessors() ? tiles : multiprocessors());
     kernel<<<grid, TMA_THREADS, TmaTile<BN>::SMEM, stream>>>(tile_map<T>(x, n_tokens, cols, TMA_BM),
-                                                             tile_map<T>(w, rows, cols, BN), epilogue, n_tokens,
+                                                             tile_map<T>(w, rows, cols, 128), epilogue, n_tokens,
                                                              rows, cols);
 }
 
@@ -253,12 +322,7 @@ static void launch_tma(Epilogue epilogue, const void* w, const void* x, int n_to
 template <typename T, typename Epilogue>
 static void launch_tma(Epilogue epilogue, const void* w, const void* x, int n_tokens, int rows, int cols,
                        cudaStream_t stream) {
-    static int n_sm = 0;
-    if (!n_sm) {
-        int device;
-        CUDA_CHECK(cudaGetDevice(&device));
-        CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device));
-    }
+    const int n_sm = multiprocessors();
     const long m_tiles = (n_tokens + TMA_BM - 1) / TMA_BM;
     const long waves_256 = (m_tiles * ((rows + 255) / 256) + n_sm - 1) / n_sm;
     const long waves_128 = (m_tiles * ((rows + 127) / 128) + n_sm - 1) / n_sm;
@@ -523,12 +587,7 @@ __global__ void swiglu_kernel(O* h, const float* gate_up, int n_tokens, int hidd
     const size_t t = i / hidden, j = i % hidden;
     const float4 g = *reinterpret_cast<const float4*>(gate_up + t * 2 * hidden + j);
     const float4 u = *reinterpret_cast<const float4*>(gate_up + t * 2 * hidden + hidden + j);
-    float4 r;
-    r.x = g.x / (1.f + expf(-g.x)) * u.x;
-    r.y = g.y / (1.f + expf(-g.y)) * u.y;
-    r.z = g.z / (1.f + expf(-g.z)) * u.z;
-    r.w = g.w / (1.f + expf(-g.w)) * u.w;
-    store4(h + i, r);
+    store4(h + i, make_float4(silu_mul(g.x, u.x), silu_mul(g.y, u.y), silu_mul(g.z, u.z), silu_mul(g.w, u.w)));
 }
 
 extern "C" void swiglu_gpu(void* h, int h_dtype, const float* gate_up, int n_tokens, int hidden, cudaStream_t stream) {
@@ -540,5 +599,22 @@ extern "C" void swiglu_gpu(void* h, int h_dtype, const float* gate_up, int n_tok
     DISPATCH_ACT(h_dtype, "swiglu_gpu",
                  (swiglu_kernel<A><<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>((A*)h, gate_up, n_tokens,
                                                                                           hidden)));
+    CUDA_CHECK(cudaGetLastError());
+}
+
+extern "C" void swiglu_matmul_gpu(void* h, const void* w_gate_up, const void* scales, int wdtype, const void* x,
+                                  int n_tokens, int hidden, int dim, float* gate_up, int simple,
+                                  cudaStream_t stream) {
+    if (simple || (wdtype != DT_BF16 && wdtype != DT_F16)) {  // the chain: the product, then SwiGLU
+        product(simple, gate_up, w_gate_up, scales, wdtype, x, nullptr, n_tokens, 2 * hidden, dim, 0, stream);
+        swiglu_gpu(h, matmul_input_dtype(wdtype), gate_up, n_tokens, hidden, stream);
+        return;
+    }
+    check_product("swiglu_matmul_gpu", w_gate_up, scales, wdtype, x, n_tokens, 2 * hidden, dim);
+    if (wdtype == DT_BF16)
+        launch_tma<__nv_bfloat16, 256>(SwiGLUOut<__nv_bfloat16>{(__nv_bfloat16*)h}, w_gate_up, x, n_tokens, 2 * hidden,
+                                       dim, stream);
+    else
+        launch_tma<__half, 256>(SwiGLUOut<__half>{(__half*)h}, w_gate_up, x, n_tokens, 2 * hidden, dim, stream);
     CUDA_CHECK(cudaGetLastError());
 }

@@ -4,6 +4,7 @@
 #include "common.cuh"
 
 constexpr int ROPE_WARPS = 4;  // heads per block, one warp each
+constexpr int ROPE_MAX_HEAD_DIM = 256;  // prefill attention's limit (kernels.h)
 
 // q (n_heads, hd) and k (n_kv_heads, hd) in place; v (n_kv_heads, hd);
 // caches (seq_len, n_kv_heads, hd) of KV, written at row *pos.
@@ -41,36 +42,48 @@ extern "C" void qk_norm_rope_gpu(float* q, float* k, const float* v, const float
 
 // ---- prefill: n_tokens at once ------------------------------------------------------------------
 
-constexpr int ROPE_BATCH_WARPS = 4;  // heads per block, one warp each
+constexpr int ROPE_BATCH_WARPS = 4;   // heads per block, one warp each
+constexpr int ROPE_BATCH_TOKENS = 8;  // tokens per block: the inverse frequencies (a double pow each) once per 8
 
-// Grid (head groups, n_tokens). Token t of qkv (n_tokens, (n_heads + 2*n_kv_heads) * hd) is at
+// Grid (head groups, token groups). Token t of qkv (n_tokens, (n_heads + 2*n_kv_heads) * hd) is at
 // position pos0 + t; the per-head math is the decode path's (common.cuh), so prefill and decode
 // write bit-identical cache rows.
 template <typename KV>
 __global__ void qk_norm_rope_batch_kernel(float* qkv, const float* q_norm, const float* k_norm, float k_scale,
-                                          KV* k_cache, KV* v_cache, int pos0, int n_heads, int n_kv_heads,
-                                          int head_dim, float theta, float eps) {
-    const int head = blockIdx.x * ROPE_BATCH_WARPS + threadIdx.x / 32, t = blockIdx.y;
+                                          KV* k_cache, KV* v_cache, int pos0, int n_tokens, int n_heads,
+                                          int n_kv_heads, int head_dim, float theta, float eps) {
+    __shared__ float inv_freq[ROPE_MAX_HEAD_DIM / 2];
+    for (int i = threadIdx.x; i < head_dim / 2; i += blockDim.x) inv_freq[i] = rope_inv_freq(i, head_dim, theta);
+    __syncthreads();
+    const int head = blockIdx.x * ROPE_BATCH_WARPS + threadIdx.x / 32;
     if (head >= n_heads + n_kv_heads) return;
-    float* q = qkv + (size_t)t * (n_heads + 2 * n_kv_heads) * head_dim;
-    float* k = q + (size_t)n_heads * head_dim;
-    const float* v = k + (size_t)n_kv_heads * head_dim;
-    qk_norm_rope_head<KV>(head, q, k, v, q_norm, k_norm, k_scale, k_cache, v_cache, pos0 + t, n_heads,
-                          n_kv_heads, head_dim, theta, eps);
+    const int t_end = min(n_tokens, (blockIdx.y + 1) * ROPE_BATCH_TOKENS);
+    for (int t = blockIdx.y * ROPE_BATCH_TOKENS; t < t_end; t++) {
+        float* q = qkv + (size_t)t * (n_heads + 2 * n_kv_heads) * head_dim;
+        float* k = q + (size_t)n_heads * head_dim;
+        const float* v = k + (size_t)n_kv_heads * head_dim;
+        qk_norm_rope_head<KV>(head, q, k, v, q_norm, k_norm, k_scale, k_cache, v_cache, pos0 + t, n_heads,
+                              n_kv_heads, head_dim, theta, eps, inv_freq);
+    }
 }
 
 extern "C" void qk_norm_rope_batch_gpu(float* qkv, const float* q_norm, const float* k_norm, float k_scale,
                                        void* k_cache, void* v_cache, int kv_dtype, int pos0, int n_tokens,
                                        int n_heads, int n_kv_heads, int head_dim, float theta, float eps,
                                        cudaStream_t stream) {
-    const dim3 grid((n_heads + n_kv_heads + ROPE_BATCH_WARPS - 1) / ROPE_BATCH_WARPS, n_tokens);
+    if (head_dim > ROPE_MAX_HEAD_DIM || head_dim % 2) {
+        fprintf(stderr, "error: qk_norm_rope_batch_gpu: head_dim %d is odd or over %d\n", head_dim, ROPE_MAX_HEAD_DIM);
+        exit(1);
+    }
+    const dim3 grid((n_heads + n_kv_heads + ROPE_BATCH_WARPS - 1) / ROPE_BATCH_WARPS,
+                    (n_tokens + ROPE_BATCH_TOKENS - 1) / ROPE_BATCH_TOKENS);
     if (kv_dtype == DT_BF16) {
         qk_norm_rope_batch_kernel<__nv_bfloat16><<<grid, 32 * ROPE_BATCH_WARPS, 0, stream>>>(
-            qkv, q_norm, k_norm, k_scale, (__nv_bfloat16*)k_cache, (__nv_bfloat16*)v_cache, pos0, n_heads,
+            qkv, q_norm, k_norm, k_scale, (__nv_bfloat16*)k_cache, (__nv_bfloat16*)v_cache, pos0, n_tokens, n_heads,
             n_kv_heads, head_dim, theta, eps);
     } else if (kv_dtype == DT_F16) {
         qk_norm_rope_batch_kernel<__half><<<grid, 32 * ROPE_BATCH_WARPS, 0, stream>>>(
-            qkv, q_norm, k_norm, k_scale, (__half*)k_cache, (__half*)v_cache, pos0, n_heads, n_kv_heads,
+            qkv, q_norm, k_norm, k_scale, (__half*)k_cache, (__half*)v_cache, pos0, n_tokens, n_heads, n_kv_heads,
             head_dim, theta, eps);
     } else {
         fprintf(stderr, "error: qk_norm_rope_batch_gpu: KV cache dtype %d is not bf16 or fp16\n", kv_dtype);

@@ -538,7 +538,7 @@ struct Gpu {
     void* bxb;            // (chunk, dim) act
     float* bqkv;          // (chunk, qkv_dim)
     void* batt;           // (chunk, q_dim) act
-    float* bgate_up;      // (chunk, 2*hidden_dim)
+    float* bgate_up;      // (chunk, 2*hidden_dim) where SwiGLU is not fused into the product
     void* bh;             // (chunk, hidden_dim) act
     float* blogits;       // (LM_CHUNK, vocab_size)
     float* bloss;         // the LM head's loss partials (lm_head_loss_gpu)
@@ -803,8 +803,8 @@ static double forward_batch_gpu(Model* m, const int* ids, int n, int pos, float*
         product(g->bx, w.wo, w.wo_scales, wt, g->batt, NULL, n, D, q_dim(c), 1, st);
         // x += Wdown @ (silu(Wgate @ rmsnorm(x)) * (Wup @ rmsnorm(x)))
         rmsnorm_gpu(g->bxb, act, g->bx, w.rms_ffn, n, D, c->eps, st);
-        product(g->bgate_up, w.w_gate_up, w.w_gate_up_scales, wt, g->bxb, NULL, n, 2 * H, D, 0, st);
-        swiglu_gpu(g->bh, act, g->bgate_up, n, H, st);
+        swiglu_matmul_gpu(g->bh, w.w_gate_up, w.w_gate_up_scales, wt, g->bxb, n, H, D, g->bgate_up,
+                          g->simple_matmul, st);
         product(g->bx, w.w_down, w.w_down_scales, wt, g->bh, NULL, n, D, H, 1, st);
     }
     rmsnorm_gpu(g->bxb, act, g->bx, on_gpu(m, m->at.rms_final), n, D, c->eps, st);

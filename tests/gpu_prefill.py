@@ -60,9 +60,11 @@ def build():
     lib.lm_head_loss_gpu.argtypes = [P, P, P, I, P, P, I, I, I, P, I, P]
     lib.swiglu_gpu.argtypes = [P, I, P, I, I, P]
     lib.cross_entropy_gpu.argtypes = [P, P, P, I, I, P]
+    lib.swiglu_matmul_gpu.argtypes = [P, P, P, I, P, I, I, I, P, I, P]
     lib.qk_norm_rope_batch_gpu.argtypes = [P, P, P, Fl, P, P, I, I, I, I, I, I, Fl, Fl, P]
     lib.attention_prefill_gpu.argtypes = [P, I, P, P, P, I, I, I, I, I, I, Fl, P]
-    for f in (lib.matmul_gpu, lib.matmul_simple_gpu, lib.lm_head_loss_gpu, lib.swiglu_gpu, lib.cross_entropy_gpu,
+    for f in (lib.matmul_gpu, lib.matmul_simple_gpu, lib.lm_head_loss_gpu, lib.swiglu_gpu, lib.swiglu_matmul_gpu,
+              lib.cross_entropy_gpu,
               lib.qk_norm_rope_batch_gpu, lib.attention_prefill_gpu):
         f.restype = None
     return lib
@@ -237,6 +239,31 @@ def check_swiglu(gen):
             torch.cuda.synchronize()
             check(f"swiglu T={T} hidden={H} {NAME[dtype]}", rel(h, F.silu(g) * u),
                   1e-6 if dtype == torch.float32 else 2 ** -8)  # bf16: one rounding
+
+
+def swiglu_matmul(h, w, x, hidden, scales=None, simple=False):
+    T, D = x.shape
+    gate_up = torch.empty(T, 2 * hidden, device=dev)
+    lib.swiglu_matmul_gpu(p(h), p(w), p(scales), DT[w.dtype], p(x), T, hidden, D, p(gate_up), int(simple), STREAM)
+
+
+def check_swiglu_matmul(gen):
+    """h = silu(x . gate^T) * (x . up^T) in x's type: the TMA product with SwiGLU in its epilogue (paired tiles
+    of 128 gate and 128 up rows; hidden units past a multiple of 128 masked) and the chain (simple product,
+    swiglu_gpu), against float64 of the same inputs: one rounding of h (2^-8 bf16, 2^-11 fp16) + 1e-4"""
+    for T, H, D in ((37, 96, 64), (2048, 3072, 1024), (130, 4864, 896), (300, 200, 328)):
+        for dtype in (torch.bfloat16, torch.float16):
+            x = torch.randn(T, D, generator=gen, device=dev).to(dtype)
+            w = (torch.randn(2 * H, D, generator=gen, device=dev) * (2 / math.sqrt(D))).to(dtype)
+            g = x.double() @ w[:H].double().T
+            ref = g * torch.sigmoid(g) * (x.double() @ w[H:].double().T)
+            for simple in (False, True):
+                h = torch.full((T, H), float("nan"), device=dev, dtype=dtype)
+                swiglu_matmul(h, w, x, H, None, simple)
+                torch.cuda.synchronize()
+                tol = 1e-4 + (2 ** -8 if dtype == torch.bfloat16 else 2 ** -11)
+                check(f"swiglu_matmul {'simple' if simple else 'tma, fused'} {NAME[dtype]} T={T} hidden={H} dim={D}",
+                      rel(h, ref), tol)
 
 
 # ---- qk_norm + RoPE + cache store --------------------------------------------------------------
@@ -489,13 +516,17 @@ def time_layer(gen):
         lib.qk_norm_rope_batch_gpu(p(qkv), p(qn), p(kn), 1.0, p(kc), p(vc), DT[bf], 0, T, nh, nkv, hd, 1e6, 1e-6, STREAM)
         attention(att, qkv, kc, vc, 0, T, nh, nkv, hd, 1.0 / math.sqrt(hd))
         matmul(x, w_o, att, None, 1, fn=fn)
-        matmul(gu, w_gu, xb, None, 0, fn=fn)
-        lib.swiglu_gpu(p(h), DT[bf], p(gu), T, Hd, STREAM)
+        lib.swiglu_matmul_gpu(p(h), p(w_gu), None, DT[bf], p(xb), T, Hd, D, p(gu), int(fn == lib.matmul_simple_gpu),
+                              STREAM)
         matmul(x, w_d, h, None, 1, fn=fn)
 
     for path, fn in PATHS:
         parts[path] = bench(lambda: layer(fn), inner=5, reps=20)
     parts["attention"] = bench(lambda: attention(att, qkv, kc, vc, 0, T, nh, nkv, hd, 1.0 / math.sqrt(hd)))
+    parts["rope"] = bench(lambda: lib.qk_norm_rope_batch_gpu(p(qkv), p(qn), p(kn), 1.0, p(kc), p(vc), DT[bf], 0, T, nh,
+                                                             nkv, hd, 1e6, 1e-6, STREAM))
+    parts["swiglu_matmul"] = bench(lambda: lib.swiglu_matmul_gpu(p(h), p(w_gu), None, DT[bf], p(xb), T, Hd, D, p(gu),
+                                                                 0, STREAM))
     head_last = bench(lambda: matmul(logits, w_lm, xb[:1], None, 0))
     head_loss = bench(lambda: lib.lm_head_loss_gpu(p(nll), p(w_lm), None, DT[bf], p(xb), p(targets), T, V, D,
                                                    p(scratch), 0, STREAM), inner=3, reps=10)
@@ -503,7 +534,8 @@ def time_layer(gen):
         prefill_ms = (L * parts[path] + head_last) / 1e3
         ppl_ms = (L * parts[path] + head_loss) / 1e3
         print(f"Qwen3-0.6B T=2048, {path} products, RMSNorms excluded: layer {parts[path]:.0f} us (attention "
-              f"{parts['attention']:.0f}); LM head last token {head_last:.0f} us, loss of all tokens {head_loss:.0f} us")
+              f"{parts['attention']:.0f}, qk_norm_rope {parts['rope']:.0f}, fused gate_up + SwiGLU "
+              f"{parts['swiglu_matmul']:.0f}); LM head last token {head_last:.0f} us, loss of all tokens {head_loss:.0f} us")
         print(f"  prefill {prefill_ms:.2f} ms = {T / prefill_ms:.0f}k tok/s; perplexity {ppl_ms:.2f} ms = "
               f"{T / ppl_ms:.0f}k tok/s")
 
@@ -513,7 +545,7 @@ def main():
     gen.manual_seed(1234)
     print(torch.cuda.get_device_name(), torch.__version__)
     # int8 after the older checks: a fault there (a sticky CUDA error) cannot take their results with it
-    for part in (check_matmul, check_lm_head_loss, check_swiglu, check_rope, check_attention, check_matmul_int8,
+    for part in (check_matmul, check_lm_head_loss, check_swiglu, check_swiglu_matmul, check_rope, check_attention, check_matmul_int8,
                  time_matmul, time_lm_head_loss, time_attention, time_layer):
         try:
             part(gen)
