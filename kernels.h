@@ -136,17 +136,32 @@ void swiglu_matmul_gpu(void* h, const void* w_gate_up, const void* scales, int w
                        int hidden, int dim, float* gate_up, int simple, cudaStream_t stream);
 
 // rope.cu, attention.cu: qkv (n_tokens, (n_heads + 2*n_kv_heads) * head_dim), rows [q | k | v].
-// Per-head q_norm/k_norm (skipped when NULL) then NeoX RoPE at position pos0 + t, in place on q and
-// k; k / k_scale and v stored to cache rows pos0 .. pos0 + n_tokens - 1.
-void qk_norm_rope_batch_gpu(float* qkv, const float* q_norm, const float* k_norm, float k_scale,
+// Per-head q_norm/k_norm (skipped when NULL) then NeoX RoPE at position pos0 + t, in place on q and k;
+// q is also stored to q_out (n_tokens, n_heads * head_dim) of kv_dtype (the type attention reads it in),
+// k / k_scale and v to cache rows pos0 .. pos0 + n_tokens - 1.
+void qk_norm_rope_batch_gpu(void* q_out, float* qkv, const float* q_norm, const float* k_norm, float k_scale,
                             void* k_cache, void* v_cache, int kv_dtype, int pos0, int n_tokens,
                             int n_heads, int n_kv_heads, int head_dim, float theta, float eps,
                             cudaStream_t stream);
-// out (n_tokens, n_heads * head_dim) of out_dtype = causal softmax(q . K^T * scale) V: query t (q from qkv rows,
-// rounded to kv_dtype) attends cache rows 0 .. pos0 + t; query head h reads KV head
-// h / (n_heads / n_kv_heads). scale = k_scale / sqrt(head_dim). head_dim even, <= 256; 64 and 128
+// rope.cu: table (n_tokens, head_dim / 2, 2) = (cos, sin) of RoPE's angle (pos0 + t) * inv_freq[i], as
+// qk_norm_rope_batch_gpu computes it: what the fused qkv product below rotates with.
+void rope_table_gpu(float* table, int pos0, int n_tokens, int head_dim, float theta, cudaStream_t stream);
+// matmul.cu: the attention's inputs from x (n_tokens, dim) of matmul_input_dtype(wdtype): qkv = x . wqkv^T
+// + bias (qkv_dim = (n_heads + 2*n_kv_heads) * head_dim rows, bias NULL or (qkv_dim)), then
+// qk_norm_rope_batch_gpu's function: q to q_out (kv_dtype), k and v to the caches. Not simple, 16-bit or
+// int8 w, head_dim 64 or 128: one tensor-core product with the norms, RoPE (from `rope`, rope_table_gpu's
+// table of these positions, 16-byte aligned) and the stores in its epilogue; otherwise matmul (simple or
+// not) into qkv (n_tokens, qkv_dim) fp32 and qk_norm_rope_batch_gpu (which ignores `rope`).
+void qkv_rope_matmul_gpu(void* q_out, const void* wqkv, const void* scales, int wdtype, const void* x,
+                         const float* bias, const float* q_norm, const float* k_norm, float k_scale, void* k_cache,
+                         void* v_cache, int kv_dtype, const float* rope, int pos0, int n_tokens, int n_heads,
+                         int n_kv_heads, int head_dim, int dim, float theta, float eps, float* qkv, int simple,
+                         cudaStream_t stream);
+// out (n_tokens, n_heads * head_dim) of out_dtype = causal softmax(q . K^T * scale) V: query t (q_out
+// above: (n_tokens, n_heads * head_dim) of kv_dtype) attends cache rows 0 .. pos0 + t; query head h reads
+// KV head h / (n_heads / n_kv_heads). scale = k_scale / sqrt(head_dim). head_dim even, <= 256; 64 and 128
 // run on the tensor cores (flash attention), others on a simple CUDA-core kernel.
-void attention_prefill_gpu(void* out, int out_dtype, const float* qkv, const void* k_cache, const void* v_cache,
+void attention_prefill_gpu(void* out, int out_dtype, const void* q, const void* k_cache, const void* v_cache,
                            int kv_dtype, int pos0, int n_tokens, int n_heads, int n_kv_heads,
                            int head_dim, float scale, cudaStream_t stream);
 

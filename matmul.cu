@@ -14,9 +14,6 @@
 // Each warpgroup of either ends with 64 tokens x 128 weight rows per sub-tile in wgmma's accumulator
 // layout and hands them to one epilogue: StoreOut (out = acc + bias, or out += ...) or LossPartials
 // (the LM head's per-row softmax partials).
-#include <cuda.h>  // CUtensorMap and the driver's tensor-map encoder (found at run time: no -lcuda)
-#include <cudaTypedefs.h>
-#include "common.cuh"
 #include "tensor_core.cuh"
 
 // ---- epilogues --------------------------------------------------------------------------------------
@@ -131,6 +128,80 @@ template <typename O> struct SwiGLUOut {
     }
 };
 
+// The attention's inputs from the qkv product (head_dim HD = 64 or 128): each 128-row sub-tile holds
+// 128 / HD whole heads (q heads, then k, then v, by row), and the 4 lanes of a quad hold a token's whole
+// head, so its RMS is a quad reduction and RoPE's pairs (i, i + HD/2) are in the same lane (acc[4j + ..]
+// and acc[4(j + HD/16) + ..]). The function of qk_norm_rope_batch_gpu (rope.cu), in its order: + bias,
+// x * rsqrt(mean(x^2) + eps) * norm, the rotation (its cos and sin from rope_table_gpu's table); q to
+// q_out, k / k_scale and v to the caches, all in KV.
+template <typename KV, int HD> struct QKVRopeOut {
+    static constexpr bool paired = false;
+    KV* q_out;                       // (n_tokens, n_heads * HD)
+    KV *k_cache, *v_cache;           // (seq_len, n_kv_heads, HD), rows pos0 + t
+    const float *bias;               // (qkv rows) or NULL
+    const float *q_norm, *k_norm;    // (HD) each, or NULL (Qwen2)
+    const float4* rope;              // (n_tokens, HD / 4): (cos, sin) of pairs i, i + 1 (rope_table_gpu)
+    float k_scale, eps;
+    int pos0, n_heads, n_kv_heads;
+    __device__ __forceinline__ void operator()(const float (&acc)[64], int t0, int r0, int n_tokens, int rows) const {
+        constexpr int J = HD / 8;  // column groups of 8 per head: acc[4 (J hh + j) + 2 h + e]
+        const int lane = threadIdx.x % 32, warp = threadIdx.x / 32 % 4, col = (lane % 4) * 2;
+#pragma unroll
+        for (int hh = 0; hh < 128 / HD; hh++) {
+            const int head = r0 / HD + hh;  // the same for the whole warpgroup
+            if (head * HD >= rows) break;
+            const bool is_q = head < n_heads, is_v = head >= n_heads + n_kv_heads;
+            const float* norm = is_q ? q_norm : is_v ? nullptr : k_norm;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int t = t0 + warp * 16 + lane / 4 + h * 8;  // the same for the 4 lanes of a quad
+                float x[J][2];
+#pragma unroll
+                for (int j = 0; j < J; j++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++)
+                        x[j][e] = acc[4 * (J * hh + j) + 2 * h + e] + (bias ? bias[head * HD + 8 * j + col + e] : 0.f);
+                if (norm) {  // every lane of the warp takes part in the quad's reduction
+                    float ss = 0.f;
+#pragma unroll
+                    for (int j = 0; j < J; j++) ss = fmaf(x[j][0], x[j][0], fmaf(x[j][1], x[j][1], ss));
+                    ss += __shfl_xor_sync(0xffffffffu, ss, 1);
+                    ss += __shfl_xor_sync(0xffffffffu, ss, 2);
+                    const float inv_rms = rsqrtf(ss / HD + eps);
+#pragma unroll
+                    for (int j = 0; j < J; j++)
+#pragma unroll
+                        for (int e = 0; e < 2; e++) x[j][e] = x[j][e] * inv_rms * norm[8 * j + col + e];
+                }
+                if (t >= n_tokens) continue;
+                const int kv_head = is_q ? 0 : (head - n_heads) % n_kv_heads;  // k heads, then v heads
+                const size_t cache_row = ((size_t)(pos0 + t) * n_kv_heads + kv_head) * HD;
+                if (is_v) {
+#pragma unroll
+                    for (int j = 0; j < J; j++) store2(v_cache + cache_row + 8 * j + col, x[j][0], x[j][1]);
+                    continue;
+                }
+                KV* dst = is_q ? q_out + ((size_t)t * n_heads + head) * HD : k_cache + cache_row;
+                const float scale = is_q ? 1.f : k_scale;
+#pragma unroll
+                for (int j = 0; j < J / 2; j++) {
+                    const float4 cs = rope[((size_t)t * HD / 2 + 8 * j + col) / 2];  // pairs 8j + col, + 1
+                    const float c[2] = {cs.x, cs.z}, s[2] = {cs.y, cs.w};
+                    float rot[2][2];  // [first / second half][e]
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const float a = x[j][e], b = x[j + J / 2][e];
+                        rot[0][e] = (a * c[e] - b * s[e]) / scale;
+                        rot[1][e] = (b * c[e] + a * s[e]) / scale;
+                    }
+                    store2(dst + 8 * j + col, rot[0][0], rot[0][1]);
+                    store2(dst + HD / 2 + 8 * j + col, rot[1][0], rot[1][1]);
+                }
+            }
+        }
+    }
+};
+
 // ---- the fast path: TMA producer, two wgmma consumer warpgroups -----------------------------------
 
 // Tile 128 tokens x BN weight rows x 64 k per stage: a 16 KB x tile and a BN x 128-byte w tile, each
@@ -143,13 +214,6 @@ template <int BN> struct TmaTile {
     static constexpr int X_BYTES = TMA_BM * TMA_BK * 2, STAGE_BYTES = X_BYTES + BN * TMA_BK * 2;
     static constexpr size_t SMEM = (size_t)STAGES * STAGE_BYTES + 1024;  // + room to align to 1024
 };
-
-// box (64 k x box rows) at (k, row) of the map's matrix into shared memory, counted on bar
-__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int k, int row, uint64_t* bar) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-                 " [%0], [%1, {%2, %3}], [%4];"
-                 :: "r"(smem_addr(dst)), "l"(map), "r"(k), "r"(row), "r"(smem_addr(bar)) : "memory");
-}
 
 // the accumulators stay where the asynchronous wgmmas write them (no copies the compiler would make
 // between their issue and their wait, which serialize the wgmmas)
@@ -266,39 +330,11 @@ static int multiprocessors() {
     return n_sm;
 }
 
-// The driver's cuTensorMapEncodeTiled, looked up once through the runtime.
-static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-    static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
-    if (!encode) {
-        void* fn = nullptr;
-        cudaDriverEntryPointQueryResult found;
-        CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
-        if (found != cudaDriverEntryPointSuccess || !fn) {
-            fprintf(stderr, "error: matmul_gpu: the driver has no cuTensorMapEncodeTiled (TMA needs CUDA 12+)\n");
-            exit(1);
-        }
-        encode = (PFN_cuTensorMapEncodeTiled_v12000)fn;
-    }
-    return encode;
-}
-
 // The map of a (rows, cols) k-major matrix of T, read in boxes of 64 k x box_rows rows (128 bytes
 // of k per row: the 128-byte swizzle); boxes reaching past the matrix are filled with zeros.
 template <typename T> static CUtensorMap tile_map(const void* base, int rows, int cols, int box_rows) {
-    CUtensorMap map;
-    const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows}, strides[1] = {(cuuint64_t)cols * sizeof(T)};
-    const cuuint32_t box[2] = {TMA_BK, (cuuint32_t)box_rows}, steps[2] = {1, 1};
-    const CUtensorMapDataType type = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-                                                               : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-    const CUresult r = tensor_map_encoder()(&map, type, 2, const_cast<void*>(base), dims, strides, box, steps,
-                                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    if (r != CUDA_SUCCESS) {
-        fprintf(stderr, "error: matmul_gpu: cannot describe a (%d, %d) matrix to the copy engine (CUresult %d)\n",
-                rows, cols, (int)r);
-        exit(1);
-    }
-    return map;
+    return tensor_map<T, 2>("matmul_gpu", base, {(cuuint64_t)cols, (cuuint64_t)rows}, {(cuuint64_t)cols * sizeof(T)},
+                            {TMA_BK, (cuuint32_t)box_rows});
 }
 
 template <typename T, int BN, typename Epilogue>
@@ -616,5 +652,51 @@ extern "C" void swiglu_matmul_gpu(void* h, const void* w_gate_up, const void* sc
                                        dim, stream);
     else
         launch_tma<__half, 256>(SwiGLUOut<__half>{(__half*)h}, w_gate_up, x, n_tokens, 2 * hidden, dim, stream);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// ---- the attention's inputs: the qkv product with QK-norm, RoPE and the cache stores -----------------
+
+template <typename KV, int HD>
+static void qkv_rope_product(void* q_out, const void* wqkv, const void* scales, int wdtype, const void* x,
+                             const float* bias, const float* q_norm, const float* k_norm, float k_scale,
+                             void* k_cache, void* v_cache, const float* rope, int pos0, int n_tokens, int n_heads,
+                             int n_kv_heads, int dim, float eps, cudaStream_t stream) {
+    const QKVRopeOut<KV, HD> epilogue{(KV*)q_out, (KV*)k_cache, (KV*)v_cache, bias, q_norm, k_norm,
+                                      (const float4*)rope, k_scale, eps, pos0, n_heads, n_kv_heads};
+    tensor_core_product(epilogue, wqkv, scales, wdtype, x, n_tokens, (n_heads + 2 * n_kv_heads) * HD, dim, false,
+                        stream);
+}
+
+extern "C" void qkv_rope_matmul_gpu(void* q_out, const void* wqkv, const void* scales, int wdtype, const void* x,
+                                    const float* bias, const float* q_norm, const float* k_norm, float k_scale,
+                                    void* k_cache, void* v_cache, int kv_dtype, const float* rope, int pos0,
+                                    int n_tokens, int n_heads, int n_kv_heads, int head_dim, int dim, float theta,
+                                    float eps, float* qkv, int simple, cudaStream_t stream) {
+    const int rows = (n_heads + 2 * n_kv_heads) * head_dim;
+    if (simple || wdtype == DT_F32 || (head_dim != 64 && head_dim != 128)) {  // the chain: the product, then rope.cu
+        product(simple, qkv, wqkv, scales, wdtype, x, bias, n_tokens, rows, dim, 0, stream);
+        qk_norm_rope_batch_gpu(q_out, qkv, q_norm, k_norm, k_scale, k_cache, v_cache, kv_dtype, pos0, n_tokens,
+                               n_heads, n_kv_heads, head_dim, theta, eps, stream);
+        return;
+    }
+    check_product("qkv_rope_matmul_gpu", wqkv, scales, wdtype, x, n_tokens, rows, dim);
+    if ((kv_dtype != DT_BF16 && kv_dtype != DT_F16) || !aligned16(rope)) {
+        fprintf(stderr, "error: qkv_rope_matmul_gpu: KV cache dtype %d is not bf16 or fp16, or the rope table is "
+                        "not 16-byte aligned\n", kv_dtype);
+        exit(1);
+    }
+    if (kv_dtype == DT_BF16 && head_dim == 128)
+        qkv_rope_product<__nv_bfloat16, 128>(q_out, wqkv, scales, wdtype, x, bias, q_norm, k_norm, k_scale, k_cache,
+                                             v_cache, rope, pos0, n_tokens, n_heads, n_kv_heads, dim, eps, stream);
+    else if (kv_dtype == DT_BF16)
+        qkv_rope_product<__nv_bfloat16, 64>(q_out, wqkv, scales, wdtype, x, bias, q_norm, k_norm, k_scale, k_cache,
+                                            v_cache, rope, pos0, n_tokens, n_heads, n_kv_heads, dim, eps, stream);
+    else if (head_dim == 128)
+        qkv_rope_product<__half, 128>(q_out, wqkv, scales, wdtype, x, bias, q_norm, k_norm, k_scale, k_cache,
+                                      v_cache, rope, pos0, n_tokens, n_heads, n_kv_heads, dim, eps, stream);
+    else
+        qkv_rope_product<__half, 64>(q_out, wqkv, scales, wdtype, x, bias, q_norm, k_norm, k_scale, k_cache,
+                                     v_cache, rope, pos0, n_tokens, n_heads, n_kv_heads, dim, eps, stream);
     CUDA_CHECK(cudaGetLastError());
 }

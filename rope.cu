@@ -47,11 +47,11 @@ constexpr int ROPE_BATCH_TOKENS = 8;  // tokens per block: the inverse frequenci
 
 // Grid (head groups, token groups). Token t of qkv (n_tokens, (n_heads + 2*n_kv_heads) * hd) is at
 // position pos0 + t; the per-head math is the decode path's (common.cuh), so prefill and decode
-// write bit-identical cache rows.
+// write bit-identical cache rows. q is also stored, rounded to KV, as the attention reads it.
 template <typename KV>
-__global__ void qk_norm_rope_batch_kernel(float* qkv, const float* q_norm, const float* k_norm, float k_scale,
-                                          KV* k_cache, KV* v_cache, int pos0, int n_tokens, int n_heads,
-                                          int n_kv_heads, int head_dim, float theta, float eps) {
+__global__ void qk_norm_rope_batch_kernel(KV* q_out, float* qkv, const float* q_norm, const float* k_norm,
+                                          float k_scale, KV* k_cache, KV* v_cache, int pos0, int n_tokens,
+                                          int n_heads, int n_kv_heads, int head_dim, float theta, float eps) {
     __shared__ float inv_freq[ROPE_MAX_HEAD_DIM / 2];
     for (int i = threadIdx.x; i < head_dim / 2; i += blockDim.x) inv_freq[i] = rope_inv_freq(i, head_dim, theta);
     __syncthreads();
@@ -62,12 +62,17 @@ __global__ void qk_norm_rope_batch_kernel(float* qkv, const float* q_norm, const
         float* q = qkv + (size_t)t * (n_heads + 2 * n_kv_heads) * head_dim;
         float* k = q + (size_t)n_heads * head_dim;
         const float* v = k + (size_t)n_kv_heads * head_dim;
-        qk_norm_rope_head<KV>(head, q, k, v, q_norm, k_norm, k_scale, k_cache, v_cache, pos0 + t, n_heads,
-                              n_kv_heads, head_dim, theta, eps, inv_freq);
+        if (head < n_heads) {
+            norm_rope_head<KV>(q + (size_t)head * head_dim, q_norm, head_dim, pos0 + t, theta, eps,
+                               q_out + ((size_t)t * n_heads + head) * head_dim, 1.f, inv_freq);
+        } else {
+            qk_norm_rope_head<KV>(head, q, k, v, q_norm, k_norm, k_scale, k_cache, v_cache, pos0 + t, n_heads,
+                                  n_kv_heads, head_dim, theta, eps, inv_freq);
+        }
     }
 }
 
-extern "C" void qk_norm_rope_batch_gpu(float* qkv, const float* q_norm, const float* k_norm, float k_scale,
+extern "C" void qk_norm_rope_batch_gpu(void* q_out, float* qkv, const float* q_norm, const float* k_norm, float k_scale,
                                        void* k_cache, void* v_cache, int kv_dtype, int pos0, int n_tokens,
                                        int n_heads, int n_kv_heads, int head_dim, float theta, float eps,
                                        cudaStream_t stream) {
@@ -79,15 +84,37 @@ extern "C" void qk_norm_rope_batch_gpu(float* qkv, const float* q_norm, const fl
                     (n_tokens + ROPE_BATCH_TOKENS - 1) / ROPE_BATCH_TOKENS);
     if (kv_dtype == DT_BF16) {
         qk_norm_rope_batch_kernel<__nv_bfloat16><<<grid, 32 * ROPE_BATCH_WARPS, 0, stream>>>(
-            qkv, q_norm, k_norm, k_scale, (__nv_bfloat16*)k_cache, (__nv_bfloat16*)v_cache, pos0, n_tokens, n_heads,
+            (__nv_bfloat16*)q_out, qkv, q_norm, k_norm, k_scale, (__nv_bfloat16*)k_cache, (__nv_bfloat16*)v_cache, pos0, n_tokens, n_heads,
             n_kv_heads, head_dim, theta, eps);
     } else if (kv_dtype == DT_F16) {
         qk_norm_rope_batch_kernel<__half><<<grid, 32 * ROPE_BATCH_WARPS, 0, stream>>>(
-            qkv, q_norm, k_norm, k_scale, (__half*)k_cache, (__half*)v_cache, pos0, n_tokens, n_heads, n_kv_heads,
+            (__half*)q_out, qkv, q_norm, k_norm, k_scale, (__half*)k_cache, (__half*)v_cache, pos0, n_tokens, n_heads, n_kv_heads,
             head_dim, theta, eps);
     } else {
         fprintf(stderr, "error: qk_norm_rope_batch_gpu: KV cache dtype %d is not bf16 or fp16\n", kv_dtype);
         exit(1);
     }
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// ---- RoPE's cos and sin for a batch of positions --------------------------------------------------
+
+// table (n_tokens, head_dim / 2) of (cos, sin) of (pos0 + t) * inv_freq[i]: the values norm_rope_head
+// computes, once per prefill chunk for every layer's qkv epilogue (matmul.cu). One thread per pair.
+__global__ void rope_table_kernel(float2* table, int pos0, int n_tokens, int head_dim, float theta) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x, half = head_dim / 2;
+    if (i >= n_tokens * half) return;
+    float s, c;
+    sincosf((float)(pos0 + i / half) * rope_inv_freq(i % half, head_dim, theta), &s, &c);
+    table[i] = make_float2(c, s);
+}
+
+extern "C" void rope_table_gpu(float* table, int pos0, int n_tokens, int head_dim, float theta, cudaStream_t stream) {
+    if (head_dim % 2 || n_tokens < 1) {
+        fprintf(stderr, "error: rope_table_gpu: head_dim %d is odd or no tokens (%d)\n", head_dim, n_tokens);
+        exit(1);
+    }
+    const int pairs = n_tokens * head_dim / 2;
+    rope_table_kernel<<<(pairs + 255) / 256, 256, 0, stream>>>((float2*)table, pos0, n_tokens, head_dim, theta);
     CUDA_CHECK(cudaGetLastError());
 }

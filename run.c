@@ -536,7 +536,9 @@ struct Gpu {
     // prefill, up to PREFILL_CHUNK tokens; "act" is matmul_input_dtype(wdtype), what products read
     float* bx;            // (chunk, dim)
     void* bxb;            // (chunk, dim) act
-    float* bqkv;          // (chunk, qkv_dim)
+    float* bqkv;          // (chunk, qkv_dim) where QK-norm and RoPE are not fused into the product
+    void* bq;             // (chunk, q_dim) of the cache's dtype: the queries, normed and rotated
+    float* brope;         // (chunk, head_dim / 2, 2) RoPE's cos and sin at the chunk's positions
     void* batt;           // (chunk, q_dim) act
     float* bgate_up;      // (chunk, 2*hidden_dim) where SwiGLU is not fused into the product
     void* bh;             // (chunk, hidden_dim) act
@@ -589,6 +591,8 @@ static void init_gpu(Model* m, int kv_dtype, int fused) {
     g->bx = gpu_alloc(chunk * D * 4, "prefill activations");
     g->bxb = gpu_alloc(chunk * D * 4, "prefill activations");
     g->bqkv = gpu_alloc(chunk * qkv_dim(c) * 4, "prefill activations");
+    g->bq = gpu_alloc(chunk * q_dim(c) * 2, "prefill activations");
+    g->brope = gpu_alloc(chunk * c->head_dim * 4, "prefill activations");
     g->batt = gpu_alloc(chunk * q_dim(c) * 4, "prefill activations");
     g->bgate_up = gpu_alloc(chunk * 2 * H * 4, "prefill activations");
     g->bh = gpu_alloc(chunk * H * 4, "prefill activations");
@@ -781,7 +785,7 @@ static double forward_batch_gpu(Model* m, const int* ids, int n, int pos, float*
     Config* c = &m->config;
     struct Gpu* g = m->gpu;
     cudaStream_t st = g->stream;
-    int D = c->dim, H = c->hidden_dim, hd = c->head_dim, QKV = qkv_dim(c), V = c->vocab_size, wt = c->wdtype;
+    int D = c->dim, H = c->hidden_dim, hd = c->head_dim, V = c->vocab_size, wt = c->wdtype;
     int chunk = g->chunk, act = matmul_input_dtype(wt);
     size_t act_size = act == DT_F32 ? 4 : 2;
     void (*product)(float*, const void*, const void*, int, const void*, const float*, int, int, int, int, cudaStream_t) =
@@ -791,14 +795,15 @@ static double forward_batch_gpu(Model* m, const int* ids, int n, int pos, float*
     CUDA_CHECK(cudaMemcpyAsync(g->bids, ids, n * sizeof(int), cudaMemcpyHostToDevice, st));
     if (targets) CUDA_CHECK(cudaMemcpyAsync(g->bids + chunk, targets, n * sizeof(int), cudaMemcpyHostToDevice, st));
     embed_gpu(g->bx, on_gpu(m, m->at.embedding), on_gpu(m, m->at.embedding_scales), wt, g->bids, n, D, st);
+    rope_table_gpu(g->brope, pos, n, hd, c->rope_theta, st);  // the same rotations in every layer
     for (int l = 0; l < c->n_layers; l++) {
         LayerGpu w = layer_gpu(m, l);
-        // x += o_proj(attention(rope(qk_norm(qkv(rmsnorm(x))))))
+        // x += o_proj(attention(rope(qk_norm(qkv(rmsnorm(x)))))); k and v go to the cache rows pos..
         rmsnorm_gpu(g->bxb, act, g->bx, w.rms_att, n, D, c->eps, st);
-        product(g->bqkv, w.wqkv, w.wqkv_scales, wt, g->bxb, w.bqkv, n, QKV, D, 0, st);
-        qk_norm_rope_batch_gpu(g->bqkv, w.q_norm, w.k_norm, w.k_scale, w.k_cache, w.v_cache, g->kv_dtype,
-                               pos, n, c->n_heads, c->n_kv_heads, hd, c->rope_theta, c->eps, st);
-        attention_prefill_gpu(g->batt, act, g->bqkv, w.k_cache, w.v_cache, g->kv_dtype, pos, n, c->n_heads,
+        qkv_rope_matmul_gpu(g->bq, w.wqkv, w.wqkv_scales, wt, g->bxb, w.bqkv, w.q_norm, w.k_norm, w.k_scale,
+                            w.k_cache, w.v_cache, g->kv_dtype, g->brope, pos, n, c->n_heads, c->n_kv_heads, hd, D,
+                            c->rope_theta, c->eps, g->bqkv, g->simple_matmul, st);
+        attention_prefill_gpu(g->batt, act, g->bq, w.k_cache, w.v_cache, g->kv_dtype, pos, n, c->n_heads,
                               c->n_kv_heads, hd, w.k_scale / sqrtf((float)hd), st);
         product(g->bx, w.wo, w.wo_scales, wt, g->batt, NULL, n, D, q_dim(c), 1, st);
         // x += Wdown @ (silu(Wgate @ rmsnorm(x)) * (Wup @ rmsnorm(x)))

@@ -1,13 +1,20 @@
-// tensor_core.cuh: the tensor-core and async-copy primitives shared by matmul.cu (wgmma) and
-// attention.cu's prefill (mma.sync m16n8k16 with fp32 accumulation, ldmatrix, cp.async), and the
-// shared-memory swizzle both use. Fragment layouts are PTX's: for lane l, g = l / 4, c = l % 4,
-//   A (16x16, row-major): a0 (row g, k 2c..2c+1), a1 (row g+8, k 2c..), a2 (row g, k 2c+8..), a3 (row g+8, k 2c+8..)
-//   B (16x8, k-major):    b0 (k 2c..2c+1, col g), b1 (k 2c+8.., col g)
-//   C (16x8, fp32):       c0,c1 (row g, col 2c, 2c+1), c2,c3 (row g+8, col 2c, 2c+1)
+// tensor_core.cuh: the tensor-core and copy-engine primitives shared by matmul.cu and attention.cu's
+// prefill: wgmma (sm_90a) with fp32 accumulation, TMA tensor maps and loads, cp.async, and the
+// shared-memory swizzle. Register fragments are PTX's: for lane l of warp w in a warpgroup,
+// g = l / 4, c = l % 4,
+//   A (16x16 of a warp, row-major): a0 (row g, k 2c..2c+1), a1 (row g+8, k 2c..), a2 (row g, k 2c+8..),
+//     a3 (row g+8, k 2c+8..)
+//   accumulators (fp32): d[4j..4j+3] are rows 16w + g (d[4j], d[4j+1]) and 16w + g + 8 (d[4j+2], d[4j+3]),
+//     columns 8j + 2c, 8j + 2c + 1
 #pragma once
 #include <stdint.h>
+#include <stdio.h>
+#include <type_traits>
+#include <cuda.h>  // CUtensorMap and the driver's tensor-map encoder (found at run time: no -lcuda)
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include "common.cuh"
 
 // Tiles are stored as rows of 16-byte chunks; chunk `ch` of row `r` goes to position ch ^ (r % 8)
 // so that the 8 rows one ldmatrix phase reads (same logical chunk) hit 8 different bank groups.
@@ -23,31 +30,6 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// Four 8x8 16-bit matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i gets it.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* smem) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* smem) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
-}
-
-// c (16x8 fp32) += a (16x16) * b (16x8), operands bf16 or fp16
-template <typename T> __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
-template <> __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <> __device__ __forceinline__ void mma_16816<__half>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Two floats rounded to T and packed into one register, `lo` in the low half (the lower k / column).
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -97,28 +79,141 @@ template <int N> __device__ __forceinline__ void setmaxnreg_inc() { asm volatile
 // keeps the compiler from moving accumulator reads/writes across an asynchronous wgmma
 __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
-// d (64 x 128 fp32, the C fragment layout repeated over 16 column tiles: d[4j..4j+3] is columns
-// 8j..8j+7 of rows 16 warp + lane/4 (+8)) += a (64 x 16, k-major smem) * b (128 x 16, k-major smem)^T
-template <typename T> __device__ __forceinline__ void wgmma_m64n128k16(float d[64], uint64_t desc_a, uint64_t desc_b);
-#define WGMMA_M64N128K16(T, PTX_TYPE)                                                                          \
-    template <> __device__ __forceinline__ void wgmma_m64n128k16<T>(float d[64], uint64_t desc_a, uint64_t desc_b) { \
-        asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " "                      \
-                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
-                     "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "   \
-                     "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "   \
-                     "%56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1, 0, 0;\n"                         \
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),         \
-                       "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),     \
-                       "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),  \
-                       "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),  \
-                       "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),  \
-                       "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),  \
-                       "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),  \
-                       "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
-                       "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),  \
-                       "+f"(d[63])                                                                                 \
-                     : "l"(desc_a), "l"(desc_b));                                                                  \
+// ---- wgmma for attention: S = Q K^T as above, then O += P V with P in registers ------------------
+// V tiles (keys x head_dim, head_dim contiguous) are B operands in N-major form (the transpose flag):
+// rows of 64 16-bit values (128 bytes, one key each) in the 128-byte swizzle, 8 keys per 1024-byte
+// atom. Descriptor: the stride offset (bits 32-45) steps 8 keys (1024 bytes), the leading offset
+// (bits 16-29) steps to the next 64 columns of N (`n_block_bytes` further). A k16 step (16 keys)
+// advances the start address by 2048 bytes.
+__device__ __forceinline__ uint64_t wgmma_desc_n_major(const void* smem, uint32_t n_block_bytes) {
+    const uint64_t addr = (uint64_t)__cvta_generic_to_shared(smem);
+    return ((addr & 0x3FFFF) >> 4) | ((uint64_t)(n_block_bytes >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) |
+           (1ull << 62);
+}
+
+// d (64 x 128 fp32, the accumulator layout above) = (accumulate ? d : 0) + a (64 x 16, k-major smem)
+// * b (128 x 16, k-major smem)^T
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n128k16(float d[64], uint64_t desc_a, uint64_t desc_b, bool accumulate = true);
+#define WGMMA_M64N128K16(T, PTX_TYPE) \
+    template <> __device__ __forceinline__ void wgmma_m64n128k16<T>(float d[64], uint64_t desc_a, uint64_t desc_b, \
+                                                                        bool accumulate) { \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " " \
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
+                     "%64, %65, p, 1, 1, 0, 0;\n}\n" \
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+                       "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+                       "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+                       "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+                       "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+                       "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+                       "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+                     : "l"(desc_a), "l"(desc_b), "r"((int)accumulate)); \
     }
 WGMMA_M64N128K16(__nv_bfloat16, "bf16")
 WGMMA_M64N128K16(__half, "f16")
 #undef WGMMA_M64N128K16
+
+// d (64 x N fp32) += a (64 x 16 in registers: warp w holds rows 16w..16w+15 as the mma.sync A
+// fragment at the top) * b (16 x N, N-major smem: wgmma_desc_n_major); N = 64 or 128
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_m64k16_rs_n_major(float (&d)[N / 2], const uint32_t a[4], uint64_t desc_b);
+#define WGMMA_M64N64K16_RS(T, PTX_TYPE) \
+    template <> __device__ __forceinline__ void wgmma_m64k16_rs_n_major<T, 64>(float (&d)[32], const uint32_t a[4], \
+                                                                           uint64_t desc_b) { \
+        asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX_TYPE "." PTX_TYPE " " \
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
+                     "{%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n" \
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+                       "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+                       "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)); \
+    }
+WGMMA_M64N64K16_RS(__nv_bfloat16, "bf16")
+WGMMA_M64N64K16_RS(__half, "f16")
+#undef WGMMA_M64N64K16_RS
+#define WGMMA_M64N128K16_RS(T, PTX_TYPE) \
+    template <> __device__ __forceinline__ void wgmma_m64k16_rs_n_major<T, 128>(float (&d)[64], const uint32_t a[4], \
+                                                                           uint64_t desc_b) { \
+        asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " " \
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
+                     "{%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n" \
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+                       "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+                       "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+                       "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+                       "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+                       "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+                       "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)); \
+    }
+WGMMA_M64N128K16_RS(__nv_bfloat16, "bf16")
+WGMMA_M64N128K16_RS(__half, "f16")
+#undef WGMMA_M64N128K16_RS
+// as fence_operand, for the 16-bit operand registers a wgmma reads (P of O += P V): they stay live,
+// and unchanged, until the wgmma is known done
+__device__ __forceinline__ void fence_operand(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+
+// ---- the copy engine (TMA): tensor maps and loads -------------------------------------------------
+
+// The driver's cuTensorMapEncodeTiled, looked up once through the runtime.
+static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+    if (!encode) {
+        void* fn = nullptr;
+        cudaDriverEntryPointQueryResult found;
+        CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+        if (found != cudaDriverEntryPointSuccess || !fn) {
+            fprintf(stderr, "error: the driver has no cuTensorMapEncodeTiled (TMA needs CUDA 12+)\n");
+            exit(1);
+        }
+        encode = (PFN_cuTensorMapEncodeTiled_v12000)fn;
+    }
+    return encode;
+}
+
+// The map of an array of 16-bit T with N dimensions (innermost first: dims, and the byte strides of
+// the outer N - 1), read in boxes of `box` elements whose innermost 64 (128 bytes) come in the
+// 128-byte swizzle that wgmma_desc reads; boxes reaching past the array arrive with zeros there.
+template <typename T, int N>
+static CUtensorMap tensor_map(const char* who, const void* base, const cuuint64_t (&dims)[N],
+                              const cuuint64_t (&strides)[N - 1], const cuuint32_t (&box)[N]) {
+    CUtensorMap map;
+    cuuint32_t steps[N];
+    for (int i = 0; i < N; i++) steps[i] = 1;
+    const CUtensorMapDataType type = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                               : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    const CUresult r = tensor_map_encoder()(&map, type, N, const_cast<void*>(base), dims, strides, box, steps,
+                                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+        fprintf(stderr, "error: %s: cannot describe a %d-dimensional array (%llu x %llu ...) to the copy engine "
+                "(CUresult %d)\n", who, N, (unsigned long long)dims[N - 1], (unsigned long long)dims[N - 2], (int)r);
+        exit(1);
+    }
+    return map;
+}
+
+// the box at element (x, y) (innermost first) of a 2-D map, or (x, y, z) of a 3-D one, into shared
+// memory, its bytes counted on the mbarrier bar
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3}], [%4];"
+                 :: "r"(smem_addr(dst)), "l"(map), "r"(x), "r"(y), "r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, int x, int y, int z, uint64_t* bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4}], [%5];"
+                 :: "r"(smem_addr(dst)), "l"(map), "r"(x), "r"(y), "r"(z), "r"(smem_addr(bar)) : "memory");
+}

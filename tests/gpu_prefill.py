@@ -1,7 +1,8 @@
 """GPU checks and timings of the prefill launchers (kernels.h): matmul_gpu and matmul_simple_gpu,
 lm_head_loss_gpu, swiglu_gpu, qk_norm_rope_batch_gpu, attention_prefill_gpu.
 
-Runs on the GPU machine, from the repo root: python3 tests/gpu_prefill.py
+Runs on the GPU machine, from the repo root: python3 tests/gpu_prefill.py [PART ...] (the names of
+main()'s parts, e.g. check_attention time_attention; all by default)
 Builds build/libkernels.so (make), calls it through ctypes on
 torch tensors, and compares with torch float64 references on the same rounded inputs.
 
@@ -61,11 +62,13 @@ def build():
     lib.swiglu_gpu.argtypes = [P, I, P, I, I, P]
     lib.cross_entropy_gpu.argtypes = [P, P, P, I, I, P]
     lib.swiglu_matmul_gpu.argtypes = [P, P, P, I, P, I, I, I, P, I, P]
-    lib.qk_norm_rope_batch_gpu.argtypes = [P, P, P, Fl, P, P, I, I, I, I, I, I, Fl, Fl, P]
+    lib.qk_norm_rope_batch_gpu.argtypes = [P, P, P, P, Fl, P, P, I, I, I, I, I, I, Fl, Fl, P]
+    lib.qkv_rope_matmul_gpu.argtypes = [P, P, P, I, P, P, P, P, Fl, P, P, I, P, I, I, I, I, I, I, Fl, Fl, P, I, P]
+    lib.rope_table_gpu.argtypes = [P, I, I, I, Fl, P]
     lib.attention_prefill_gpu.argtypes = [P, I, P, P, P, I, I, I, I, I, I, Fl, P]
     for f in (lib.matmul_gpu, lib.matmul_simple_gpu, lib.lm_head_loss_gpu, lib.swiglu_gpu, lib.swiglu_matmul_gpu,
               lib.cross_entropy_gpu,
-              lib.qk_norm_rope_batch_gpu, lib.attention_prefill_gpu):
+              lib.qk_norm_rope_batch_gpu, lib.qkv_rope_matmul_gpu, lib.rope_table_gpu, lib.attention_prefill_gpu):
         f.restype = None
     return lib
 
@@ -297,8 +300,9 @@ def check_rope(gen):
         kc = torch.randn(seq, nkv, hd, generator=gen, device=dev).to(kvt)
         vc = torch.randn(seq, nkv, hd, generator=gen, device=dev).to(kvt)
         kc0, vc0, x0 = kc.clone(), vc.clone(), qkv.double()
-        lib.qk_norm_rope_batch_gpu(p(qkv), p(qn), p(kn), k_scale, p(kc), p(vc), DT[kvt], pos0, T, nh, nkv, hd,
-                                   theta, eps, STREAM)
+        q_out = torch.full((T, nh * hd), float("nan"), device=dev, dtype=kvt)
+        lib.qk_norm_rope_batch_gpu(p(q_out), p(qkv), p(qn), p(kn), k_scale, p(kc), p(vc), DT[kvt], pos0, T, nh, nkv,
+                                   hd, theta, eps, STREAM)
         torch.cuda.synchronize()
         pos = torch.arange(pos0, pos0 + T, device=dev)
         q_ref = rope_ref(x0[:, : nh * hd].view(T, nh, hd), qn, pos, theta, eps)
@@ -308,6 +312,7 @@ def check_rope(gen):
         check(case + " q", rel(qkv[:, : nh * hd].view(T, nh, hd), q_ref), 1e-5)
         check(case + " k", rel(qkv[:, nh * hd: (nh + nkv) * hd].view(T, nkv, hd), k_ref), 1e-5)
         ctol = 2e-3 if kvt == torch.bfloat16 else 3e-4
+        check(case + " q stored", rel(q_out.view(T, nh, hd), q_ref.to(kvt)), ctol)
         check(case + " k cache", rel(kc[pos0: pos0 + T], (k_ref / k_scale).to(kvt)), ctol)
         check(case + " v cache", rel(vc[pos0: pos0 + T], v_ref.to(kvt)), ctol)
         outside = torch.ones(seq, dtype=torch.bool, device=dev)
@@ -316,26 +321,86 @@ def check_rope(gen):
         check(case + " other rows untouched", 0.0 if same else math.inf, 0.0)
 
 
+def check_qkv_rope_matmul(gen):
+    """qkv_rope_matmul_gpu: the qkv product with QK-norm, RoPE and the stores in the TMA product's epilogue
+    (int8: the simple kernel's; fp32 and head dims other than 64 and 128: the chain), and the chain
+    (simple product, qk_norm_rope_batch_gpu), against float64 of the same rounded x and w: q stored, k / k_scale
+    and v in the cache rows pos0.., within the cache bounds of check_rope; other cache rows untouched"""
+    cases = [  # T, pos0, heads, kv heads, hd, dim, w dtype, cache dtype, norms, bias, k_scale
+        (300, 5, 16, 8, 128, 1024, torch.bfloat16, torch.bfloat16, True, False, 1.0),   # Qwen3-0.6B heads
+        (130, 4000, 32, 8, 128, 512, torch.float16, torch.float16, True, False, 4.0),   # GQA 4:1, far positions
+        (77, 0, 4, 2, 64, 256, torch.bfloat16, torch.bfloat16, True, False, 2.0),       # the demo's heads
+        (129, 1000, 14, 2, 64, 896, torch.bfloat16, torch.float16, False, True, 1.0),   # Qwen2.5-0.5B: bias, no norms
+        (64, 3, 16, 8, 128, 1024, torch.int8, torch.bfloat16, True, False, 1.0),        # int8 weights
+        (20, 7, 4, 2, 64, 128, torch.float32, torch.bfloat16, True, True, 1.0),         # fp32 weights: the chain
+        (10, 2, 8, 4, 32, 64, torch.bfloat16, torch.bfloat16, True, False, 1.0),        # head_dim 32: the chain
+    ]
+    theta, eps = 1e6, 1e-6
+    for T, pos0, nh, nkv, hd, D, wt, kvt, norms, has_bias, k_scale in cases:
+        R, seq = (nh + 2 * nkv) * hd, pos0 + T + 8
+        x = torch.randn(T, D, generator=gen, device=dev).to(ACT[wt])
+        w32 = torch.randn(R, D, generator=gen, device=dev) * (2 / math.sqrt(D))
+        scales = None
+        if wt == torch.int8:
+            w, scales = q8_0(w32)
+            w_ref = dequant(w, scales).to(torch.bfloat16)  # what the tensor cores see
+        else:
+            w = w_ref = w32.to(wt)
+        bias = torch.randn(R, generator=gen, device=dev) if has_bias else None
+        qn = torch.rand(hd, generator=gen, device=dev) * 2 + 0.5 if norms else None
+        kn = torch.rand(hd, generator=gen, device=dev) * 2 + 0.5 if norms else None
+        if norms:
+            kn[3] = 96.5  # Qwen3-0.6B layer 0's outlier gain
+        y = x.double() @ w_ref.double().T + (bias.double() if has_bias else 0)
+        pos = torch.arange(pos0, pos0 + T, device=dev)
+        q_ref = rope_ref(y[:, : nh * hd].view(T, nh, hd), qn, pos, theta, eps)
+        k_ref = rope_ref(y[:, nh * hd: (nh + nkv) * hd].view(T, nkv, hd), kn, pos, theta, eps)
+        v_ref = y[:, (nh + nkv) * hd:].view(T, nkv, hd)
+        ctol = (2e-3 if kvt == torch.bfloat16 else 3e-4) + 1e-4
+        for simple in (False, True):
+            kc = torch.randn(seq, nkv, hd, generator=gen, device=dev).to(kvt)
+            vc = torch.randn(seq, nkv, hd, generator=gen, device=dev).to(kvt)
+            kc0, vc0 = kc.clone(), vc.clone()
+            q_out = torch.full((T, nh * hd), float("nan"), device=dev, dtype=kvt)
+            qkv, rope = torch.empty(T, R, device=dev), torch.empty(T, hd // 2, 2, device=dev)
+            lib.rope_table_gpu(p(rope), pos0, T, hd, theta, STREAM)
+            lib.qkv_rope_matmul_gpu(p(q_out), p(w), p(scales), DT[wt], p(x), p(bias), p(qn), p(kn), k_scale, p(kc),
+                                    p(vc), DT[kvt], p(rope), pos0, T, nh, nkv, hd, D, theta, eps, p(qkv), int(simple),
+                                    STREAM)
+            torch.cuda.synchronize()
+            fused = not simple and wt != torch.float32 and hd in (64, 128)
+            case = (f"qkv_rope_matmul {'fused' if fused else 'chain'} w {NAME[wt]} cache {NAME[kvt]} T={T} pos0={pos0} "
+                    f"{nh}:{nkv} hd={hd} dim={D}{'' if norms else ' no-norm'}{' bias' if has_bias else ''}")
+            check(case + " q", rel(q_out.view(T, nh, hd), q_ref.to(kvt)), ctol)
+            check(case + " k cache", rel(kc[pos0: pos0 + T], (k_ref / k_scale).to(kvt)), ctol)
+            check(case + " v cache", rel(vc[pos0: pos0 + T], v_ref.to(kvt)), ctol)
+            outside = torch.ones(seq, dtype=torch.bool, device=dev)
+            outside[pos0: pos0 + T] = False
+            same = torch.equal(kc[outside], kc0[outside]) and torch.equal(vc[outside], vc0[outside])
+            check(case + " other rows untouched", 0.0 if same else math.inf, 0.0)
+
+
 # ---- attention ---------------------------------------------------------------------------------
 
 def make_attention(gen, T, pos0, nh, nkv, hd, kvt, q_gain=1.0):
-    """qkv rows and a cache whose rows 0..pos0+T-1 hold random K/V and whose later rows hold NaN"""
+    """queries (T, nh * hd) in the cache type, and a cache whose rows 0..pos0+T-1 hold random K/V and whose
+    later rows hold NaN"""
     seq = pos0 + T + 16
-    qkv = torch.randn(T, (nh + 2 * nkv) * hd, generator=gen, device=dev) * q_gain
+    q = (torch.randn(T, nh * hd, generator=gen, device=dev) * q_gain).to(kvt)
     kc = torch.randn(seq, nkv, hd, generator=gen, device=dev).to(kvt)
     vc = torch.randn(seq, nkv, hd, generator=gen, device=dev).to(kvt)
     kc[pos0 + T:] = float("nan")
     vc[pos0 + T:] = float("nan")
-    return qkv, kc, vc
+    return q, kc, vc
 
 
-def attention(out, qkv, kc, vc, pos0, T, nh, nkv, hd, scale):
-    lib.attention_prefill_gpu(p(out), DT[out.dtype], p(qkv), p(kc), p(vc), DT[kc.dtype], pos0, T, nh, nkv, hd, scale,
+def attention(out, q, kc, vc, pos0, T, nh, nkv, hd, scale):
+    lib.attention_prefill_gpu(p(out), DT[out.dtype], p(q), p(kc), p(vc), DT[kc.dtype], pos0, T, nh, nkv, hd, scale,
                               STREAM)
 
 
-def attention_ref(qkv, kc, vc, pos0, T, nh, nkv, hd, scale):
-    q = qkv[:, : nh * hd].view(T, nh, hd).to(kc.dtype).double().transpose(0, 1)  # (nh, T, hd)
+def attention_ref(q, kc, vc, pos0, T, nh, nkv, hd, scale):
+    q = q.view(T, nh, hd).double().transpose(0, 1)  # (nh, T, hd)
     n = pos0 + T
     k = kc[:n].double().transpose(0, 1).repeat_interleave(nh // nkv, 0)  # (nh, n, hd)
     v = vc[:n].double().transpose(0, 1).repeat_interleave(nh // nkv, 0)
@@ -365,13 +430,13 @@ def check_attention(gen):
     out_types = (torch.float32, torch.bfloat16, torch.float16)  # the output as the o_proj product reads it
     out_rounding = {torch.float32: 0.0, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}
     for i, (T, pos0, nh, nkv, hd, kvt, gain) in enumerate(cases):
-        qkv, kc, vc = make_attention(gen, T, pos0, nh, nkv, hd, kvt, gain)
+        q, kc, vc = make_attention(gen, T, pos0, nh, nkv, hd, kvt, gain)
         scale = 1.0 / math.sqrt(hd)
         ot = out_types[i % 3]
         out = torch.full((T, nh * hd), float("nan"), device=dev, dtype=ot)
-        attention(out, qkv, kc, vc, pos0, T, nh, nkv, hd, scale)
+        attention(out, q, kc, vc, pos0, T, nh, nkv, hd, scale)
         torch.cuda.synchronize()
-        ref = attention_ref(qkv, kc, vc, pos0, T, nh, nkv, hd, scale)
+        ref = attention_ref(q, kc, vc, pos0, T, nh, nkv, hd, scale)
         tol = 1e-4 if hd not in (64, 128) else (5e-3 if kvt == torch.bfloat16 else 1e-3)
         check(f"attention {NAME[kvt]} T={T} pos0={pos0} {nh}:{nkv} hd={hd} to {NAME[ot]}", rel(out, ref),
               tol + out_rounding[ot])
@@ -450,12 +515,12 @@ def time_attention(gen):
     shapes = [(1, 8, 512, 64), (2, 8, 2048, 64), (2, 8, 2048, 128)] + [(16, H, 512, 64) for H in (8, 16, 32, 64, 96, 128)]
     for B, H, S, D in shapes:
         nh = B * H
-        qkv, kc, vc = make_attention(gen, S, 0, nh, nh, D, torch.bfloat16)
+        qs, kc, vc = make_attention(gen, S, 0, nh, nh, D, torch.bfloat16)
         kc, vc = kc[:S].contiguous(), vc[:S].contiguous()
         scale = 1.0 / math.sqrt(D)
         out = torch.empty(S, nh * D, device=dev)
-        ours = bench(lambda: attention(out, qkv, kc, vc, 0, S, nh, nh, D, scale))
-        q = qkv[:, : nh * D].view(S, B, H, D).permute(1, 2, 0, 3).to(torch.bfloat16).contiguous()
+        ours = bench(lambda: attention(out, qs, kc, vc, 0, S, nh, nh, D, scale))
+        q = qs.view(S, B, H, D).permute(1, 2, 0, 3).contiguous()
         k = kc.view(S, B, H, D).permute(1, 2, 0, 3).contiguous()
         v = vc.view(S, B, H, D).permute(1, 2, 0, 3).contiguous()
         causal = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
@@ -467,18 +532,18 @@ def time_attention(gen):
               f"sdpa full {full:.1f} us]", err, 5e-3, ours, causal)
     nh, nkv, D = 16, 8, 128  # the 0.6B's own heads; SDPA gets K/V repeated per query head (same FLOPs)
     for S in (2048, 8192, 32768):
-        qkv, kc, vc = make_attention(gen, S, 0, nh, nkv, D, torch.bfloat16)
+        qs, kc, vc = make_attention(gen, S, 0, nh, nkv, D, torch.bfloat16)
         kc, vc = kc[:S].contiguous(), vc[:S].contiguous()
         scale = 1.0 / math.sqrt(D)
         out = torch.empty(S, nh * D, device=dev, dtype=torch.bfloat16)
         inner, reps = (1, 5) if S > 8192 else (3, 10)
-        ours = bench(lambda: attention(out, qkv, kc, vc, 0, S, nh, nkv, D, scale), inner, reps)
-        q = qkv[:, : nh * D].view(S, nh, D).transpose(0, 1)[None].to(torch.bfloat16).contiguous()
+        ours = bench(lambda: attention(out, qs, kc, vc, 0, S, nh, nkv, D, scale), inner, reps)
+        q = qs.view(S, nh, D).transpose(0, 1)[None].contiguous()
         k = kc.transpose(0, 1).repeat_interleave(nh // nkv, 0)[None].contiguous()
         v = vc.transpose(0, 1).repeat_interleave(nh // nkv, 0)[None].contiguous()
         sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), inner, reps)
         if S <= 2048:  # float64 reference; beyond, SDPA's own bf16 output (its error is ~4e-3)
-            err, tol = rel(out, attention_ref(qkv, kc, vc, 0, S, nh, nkv, D, scale)), 5e-3 + 2 ** -8
+            err, tol = rel(out, attention_ref(qs, kc, vc, 0, S, nh, nkv, D, scale)), 5e-3 + 2 ** -8
         else:
             sdpa_out = F.scaled_dot_product_attention(q, k, v, is_causal=True)[0].transpose(0, 1).reshape(S, nh * D)
             err, tol = rel(out, sdpa_out), 1e-2
@@ -502,6 +567,9 @@ def time_layer(gen):
     xb = torch.randn(T, D, generator=gen, device=dev).to(bf)
     x = torch.randn(T, D, generator=gen, device=dev)
     qkv, att = torch.empty(T, QKV, device=dev), torch.empty(T, qd, device=dev, dtype=bf)
+    q = torch.empty(T, qd, device=dev, dtype=bf)
+    rope = torch.empty(T, hd // 2, 2, device=dev)
+    lib.rope_table_gpu(p(rope), 0, T, hd, 1e6, STREAM)
     gu, h = torch.empty(T, 2 * Hd, device=dev), torch.empty(T, Hd, device=dev, dtype=bf)
     kc = torch.empty(T, nkv, hd, device=dev, dtype=bf)
     vc = torch.empty(T, nkv, hd, device=dev, dtype=bf)
@@ -511,20 +579,25 @@ def time_layer(gen):
     scratch = torch.empty(lib.lm_head_loss_scratch_floats(T, V), device=dev)
     parts = {}
 
+    def qkv_rope(simple):
+        lib.qkv_rope_matmul_gpu(p(q), p(w_qkv), None, DT[bf], p(xb), None, p(qn), p(kn), 1.0, p(kc), p(vc), DT[bf],
+                                p(rope), 0, T, nh, nkv, hd, D, 1e6, 1e-6, p(qkv), int(simple), STREAM)
+
     def layer(fn):
-        matmul(qkv, w_qkv, xb, None, 0, fn=fn)
-        lib.qk_norm_rope_batch_gpu(p(qkv), p(qn), p(kn), 1.0, p(kc), p(vc), DT[bf], 0, T, nh, nkv, hd, 1e6, 1e-6, STREAM)
-        attention(att, qkv, kc, vc, 0, T, nh, nkv, hd, 1.0 / math.sqrt(hd))
+        simple = fn == lib.matmul_simple_gpu
+        qkv_rope(simple)
+        attention(att, q, kc, vc, 0, T, nh, nkv, hd, 1.0 / math.sqrt(hd))
         matmul(x, w_o, att, None, 1, fn=fn)
-        lib.swiglu_matmul_gpu(p(h), p(w_gu), None, DT[bf], p(xb), T, Hd, D, p(gu), int(fn == lib.matmul_simple_gpu),
-                              STREAM)
+        lib.swiglu_matmul_gpu(p(h), p(w_gu), None, DT[bf], p(xb), T, Hd, D, p(gu), int(simple), STREAM)
         matmul(x, w_d, h, None, 1, fn=fn)
 
     for path, fn in PATHS:
         parts[path] = bench(lambda: layer(fn), inner=5, reps=20)
-    parts["attention"] = bench(lambda: attention(att, qkv, kc, vc, 0, T, nh, nkv, hd, 1.0 / math.sqrt(hd)))
-    parts["rope"] = bench(lambda: lib.qk_norm_rope_batch_gpu(p(qkv), p(qn), p(kn), 1.0, p(kc), p(vc), DT[bf], 0, T, nh,
-                                                             nkv, hd, 1e6, 1e-6, STREAM))
+    parts["attention"] = bench(lambda: attention(att, q, kc, vc, 0, T, nh, nkv, hd, 1.0 / math.sqrt(hd)))
+    parts["qkv"] = bench(lambda: matmul(qkv, w_qkv, xb, None, 0))
+    parts["rope"] = bench(lambda: lib.qk_norm_rope_batch_gpu(p(q), p(qkv), p(qn), p(kn), 1.0, p(kc), p(vc), DT[bf], 0,
+                                                             T, nh, nkv, hd, 1e6, 1e-6, STREAM))
+    parts["qkv_rope"] = bench(lambda: qkv_rope(False))
     parts["swiglu_matmul"] = bench(lambda: lib.swiglu_matmul_gpu(p(h), p(w_gu), None, DT[bf], p(xb), T, Hd, D, p(gu),
                                                                  0, STREAM))
     head_last = bench(lambda: matmul(logits, w_lm, xb[:1], None, 0))
@@ -534,7 +607,8 @@ def time_layer(gen):
         prefill_ms = (L * parts[path] + head_last) / 1e3
         ppl_ms = (L * parts[path] + head_loss) / 1e3
         print(f"Qwen3-0.6B T=2048, {path} products, RMSNorms excluded: layer {parts[path]:.0f} us (attention "
-              f"{parts['attention']:.0f}, qk_norm_rope {parts['rope']:.0f}, fused gate_up + SwiGLU "
+              f"{parts['attention']:.0f}, qkv product {parts['qkv']:.0f} + qk_norm_rope {parts['rope']:.0f} or fused "
+              f"{parts['qkv_rope']:.0f}, fused gate_up + SwiGLU "
               f"{parts['swiglu_matmul']:.0f}); LM head last token {head_last:.0f} us, loss of all tokens {head_loss:.0f} us")
         print(f"  prefill {prefill_ms:.2f} ms = {T / prefill_ms:.0f}k tok/s; perplexity {ppl_ms:.2f} ms = "
               f"{T / ppl_ms:.0f}k tok/s")
@@ -545,8 +619,15 @@ def main():
     gen.manual_seed(1234)
     print(torch.cuda.get_device_name(), torch.__version__)
     # int8 after the older checks: a fault there (a sticky CUDA error) cannot take their results with it
-    for part in (check_matmul, check_lm_head_loss, check_swiglu, check_swiglu_matmul, check_rope, check_attention, check_matmul_int8,
-                 time_matmul, time_lm_head_loss, time_attention, time_layer):
+    parts = (check_matmul, check_lm_head_loss, check_swiglu, check_swiglu_matmul, check_rope, check_qkv_rope_matmul,
+             check_attention, check_matmul_int8, time_matmul, time_lm_head_loss, time_attention, time_layer)
+    chosen = sys.argv[1:]  # names of parts to run (all by default)
+    unknown = set(chosen) - {part.__name__ for part in parts}
+    if unknown:
+        sys.exit(f"error: no part named {', '.join(sorted(unknown))}")
+    for part in parts:
+        if chosen and part.__name__ not in chosen:
+            continue
         try:
             part(gen)
         except Exception as e:  # noqa: BLE001 (a part that raises is a failure; the others still run)
