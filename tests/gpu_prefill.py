@@ -19,6 +19,8 @@ Thresholds (relative L2 error):
   matmul, fp32 weights: 1e-6; swiglu 1e-6; q after norm + RoPE 1e-5
   cache rows written by qk_norm_rope_batch vs the float64 reference rounded to the cache type:
     2e-3 bf16, 3e-4 fp16 (a tie may round the other way); rows outside pos0..pos0+T-1 unchanged
+  qkv_rope_matmul (the product with QK-norm, RoPE and the stores fused, and the chain) vs float64 of the same
+    rounded x and w: q stored and the cache rows within the bounds above + 1e-4 (the product's fp32 error)
   attention, tensor cores: 5e-3 bf16, 1e-3 fp16 (P is rounded to 16 bits for P V, the reference
     keeps it in float64); CUDA-core fallback 1e-4
 Timings: CUDA events, median over reps of batches of calls, after warm-up. SDPA shapes (B,H,S,D)
@@ -283,6 +285,18 @@ def rope_ref(x, w, pos, theta, eps):
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
 
 
+def check_cache(case, kc, vc, kc0, vc0, k_ref, v_ref, pos0, ctol):
+    """cache rows pos0.. (k_ref, v_ref float64 (T, kv heads, hd)) against the references rounded to the cache
+    type; the other rows as they were (kc0, vc0)"""
+    T = k_ref.shape[0]
+    check(case + " k cache", rel(kc[pos0: pos0 + T], k_ref.to(kc.dtype)), ctol)
+    check(case + " v cache", rel(vc[pos0: pos0 + T], v_ref.to(vc.dtype)), ctol)
+    outside = torch.ones(kc.shape[0], dtype=torch.bool, device=dev)
+    outside[pos0: pos0 + T] = False
+    same = torch.equal(kc[outside], kc0[outside]) and torch.equal(vc[outside], vc0[outside])
+    check(case + " other rows untouched", 0.0 if same else math.inf, 0.0)
+
+
 def check_rope(gen):
     cases = [  # T, pos0, heads, kv heads, hd, norms, k_scale, cache dtype
         (37, 100, 16, 8, 128, True, 1.0, torch.bfloat16),
@@ -313,12 +327,7 @@ def check_rope(gen):
         check(case + " k", rel(qkv[:, nh * hd: (nh + nkv) * hd].view(T, nkv, hd), k_ref), 1e-5)
         ctol = 2e-3 if kvt == torch.bfloat16 else 3e-4
         check(case + " q stored", rel(q_out.view(T, nh, hd), q_ref.to(kvt)), ctol)
-        check(case + " k cache", rel(kc[pos0: pos0 + T], (k_ref / k_scale).to(kvt)), ctol)
-        check(case + " v cache", rel(vc[pos0: pos0 + T], v_ref.to(kvt)), ctol)
-        outside = torch.ones(seq, dtype=torch.bool, device=dev)
-        outside[pos0: pos0 + T] = False
-        same = torch.equal(kc[outside], kc0[outside]) and torch.equal(vc[outside], vc0[outside])
-        check(case + " other rows untouched", 0.0 if same else math.inf, 0.0)
+        check_cache(case, kc, vc, kc0, vc0, k_ref / k_scale, v_ref, pos0, ctol)
 
 
 def check_qkv_rope_matmul(gen):
@@ -372,12 +381,7 @@ def check_qkv_rope_matmul(gen):
             case = (f"qkv_rope_matmul {'fused' if fused else 'chain'} w {NAME[wt]} cache {NAME[kvt]} T={T} pos0={pos0} "
                     f"{nh}:{nkv} hd={hd} dim={D}{'' if norms else ' no-norm'}{' bias' if has_bias else ''}")
             check(case + " q", rel(q_out.view(T, nh, hd), q_ref.to(kvt)), ctol)
-            check(case + " k cache", rel(kc[pos0: pos0 + T], (k_ref / k_scale).to(kvt)), ctol)
-            check(case + " v cache", rel(vc[pos0: pos0 + T], v_ref.to(kvt)), ctol)
-            outside = torch.ones(seq, dtype=torch.bool, device=dev)
-            outside[pos0: pos0 + T] = False
-            same = torch.equal(kc[outside], kc0[outside]) and torch.equal(vc[outside], vc0[outside])
-            check(case + " other rows untouched", 0.0 if same else math.inf, 0.0)
+            check_cache(case, kc, vc, kc0, vc0, k_ref / k_scale, v_ref, pos0, ctol)
 
 
 # ---- attention ---------------------------------------------------------------------------------
