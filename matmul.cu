@@ -686,17 +686,10 @@ extern "C" void qkv_rope_matmul_gpu(void* q_out, const void* wqkv, const void* s
                         "not 16-byte aligned\n", kv_dtype);
         exit(1);
     }
-    if (kv_dtype == DT_BF16 && head_dim == 128)
-        qkv_rope_product<__nv_bfloat16, 128>(q_out, wqkv, scales, wdtype, x, bias, q_norm, k_norm, k_scale, k_cache,
-                                             v_cache, rope, pos0, n_tokens, n_heads, n_kv_heads, dim, eps, stream);
-    else if (kv_dtype == DT_BF16)
-        qkv_rope_product<__nv_bfloat16, 64>(q_out, wqkv, scales, wdtype, x, bias, q_norm, k_norm, k_scale, k_cache,
-                                            v_cache, rope, pos0, n_tokens, n_heads, n_kv_heads, dim, eps, stream);
-    else if (head_dim == 128)
-        qkv_rope_product<__half, 128>(q_out, wqkv, scales, wdtype, x, bias, q_norm, k_norm, k_scale, k_cache,
-                                      v_cache, rope, pos0, n_tokens, n_heads, n_kv_heads, dim, eps, stream);
-    else
-        qkv_rope_product<__half, 64>(q_out, wqkv, scales, wdtype, x, bias, q_norm, k_norm, k_scale, k_cache,
-                                     v_cache, rope, pos0, n_tokens, n_heads, n_kv_heads, dim, eps, stream);
+    const bool bf16 = kv_dtype == DT_BF16, hd128 = head_dim == 128;
+    auto launch = bf16 ? (hd128 ? qkv_rope_product<__nv_bfloat16, 128> : qkv_rope_product<__nv_bfloat16, 64>)
+                       : (hd128 ? qkv_rope_product<__half, 128> : qkv_rope_product<__half, 64>);
+    launch(q_out, wqkv, scales, wdtype, x, bias, q_norm, k_norm, k_scale, k_cache, v_cache, rope, pos0, n_tokens, n_heads,
+           n_kv_heads, dim, eps, stream);
     CUDA_CHECK(cudaGetLastError());
 }

@@ -16,9 +16,9 @@
 #include <cuda_fp16.h>
 #include "common.cuh"
 
-// Tiles are stored as rows of 16-byte chunks; chunk `ch` of row `r` goes to position ch ^ (r % 8)
-// so that the 8 rows one ldmatrix phase reads (same logical chunk) hit 8 different bank groups.
-// Needs at least 8 chunks (64 16-bit values) per row.
+// Tiles are stored as rows of 16-byte chunks; chunk `ch` of row `r` goes to position ch ^ (r % 8), so
+// that 8 rows of the same logical chunk hit 8 different bank groups: with 8 chunks (64 16-bit values)
+// per row on a 1024-byte aligned base, the 128-byte swizzle that wgmma_desc and TMA use.
 __device__ __forceinline__ int swizzle(int row, int chunk, int chunks_per_row) {
     return row * chunks_per_row + (chunk ^ (row & 7));
 }
@@ -91,76 +91,58 @@ __device__ __forceinline__ uint64_t wgmma_desc_n_major(const void* smem, uint32_
            (1ull << 62);
 }
 
+// wgmma's accumulators as inline-asm operands: the register list of the instruction (operands %0..%31,
+// or %0..%63) and the matching in-out constraints on d, for 32 (N = 64) or 64 (N = 128) per thread
+#define WGMMA_D32_REGS "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+                       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define WGMMA_D64_REGS WGMMA_D32_REGS ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, " \
+                       "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define WGMMA_D32(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),            \
+    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),          \
+    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define WGMMA_D64(d) WGMMA_D32(d),                                                                                \
+    "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),          \
+    "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),          \
+    "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),          \
+    "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
 // d (64 x 128 fp32, the accumulator layout above) = (accumulate ? d : 0) + a (64 x 16, k-major smem)
 // * b (128 x 16, k-major smem)^T
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n128k16(float d[64], uint64_t desc_a, uint64_t desc_b, bool accumulate = true);
-#define WGMMA_M64N128K16(T, PTX_TYPE) \
-    template <> __device__ __forceinline__ void wgmma_m64n128k16<T>(float d[64], uint64_t desc_a, uint64_t desc_b, \
-                                                                        bool accumulate) { \
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
-                     "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " " \
-                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
-                     "%64, %65, p, 1, 1, 0, 0;\n}\n" \
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-                       "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-                       "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-                       "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-                       "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-                       "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-                       "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-                     : "l"(desc_a), "l"(desc_b), "r"((int)accumulate)); \
+#define WGMMA_M64N128K16(T, PTX_TYPE)                                                                               \
+    template <> __device__ __forceinline__ void wgmma_m64n128k16<T>(float d[64], uint64_t desc_a, uint64_t desc_b,   \
+                                                                    bool accumulate) {                              \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                   \
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " {" WGMMA_D64_REGS "}, " \
+                     "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                                \
+                     : WGMMA_D64(d) : "l"(desc_a), "l"(desc_b), "r"((int)accumulate));                               \
     }
 WGMMA_M64N128K16(__nv_bfloat16, "bf16")
 WGMMA_M64N128K16(__half, "f16")
 #undef WGMMA_M64N128K16
 
-// d (64 x N fp32) += a (64 x 16 in registers: warp w holds rows 16w..16w+15 as the mma.sync A
-// fragment at the top) * b (16 x N, N-major smem: wgmma_desc_n_major); N = 64 or 128
+// d (64 x N fp32) += a (64 x 16 in registers: warp w holds rows 16w..16w+15 as the A fragment at the
+// top) * b (16 x N, N-major smem: wgmma_desc_n_major); N = 64 or 128. A_B: the operands after d.
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_m64k16_rs_n_major(float (&d)[N / 2], const uint32_t a[4], uint64_t desc_b);
-#define WGMMA_M64N64K16_RS(T, PTX_TYPE) \
-    template <> __device__ __forceinline__ void wgmma_m64k16_rs_n_major<T, 64>(float (&d)[32], const uint32_t a[4], \
-                                                                           uint64_t desc_b) { \
-        asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX_TYPE "." PTX_TYPE " " \
-                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
-                     "{%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n" \
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-                       "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-                       "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)); \
+#define WGMMA_RS_N_MAJOR(T, PTX_TYPE, N, D_REGS, D, A_B)                                                             \
+    template <> __device__ __forceinline__ void wgmma_m64k16_rs_n_major<T, N>(float (&d)[N / 2], const uint32_t a[4], \
+                                                                              uint64_t desc_b) {                     \
+        asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX_TYPE "." PTX_TYPE " {" D_REGS "}, " A_B    \
+                     ", 1, 1, 1, 1;\n"                                                                                \
+                     : D(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));                              \
     }
-WGMMA_M64N64K16_RS(__nv_bfloat16, "bf16")
-WGMMA_M64N64K16_RS(__half, "f16")
-#undef WGMMA_M64N64K16_RS
-#define WGMMA_M64N128K16_RS(T, PTX_TYPE) \
-    template <> __device__ __forceinline__ void wgmma_m64k16_rs_n_major<T, 128>(float (&d)[64], const uint32_t a[4], \
-                                                                           uint64_t desc_b) { \
-        asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " " \
-                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
-                     "{%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n" \
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-                       "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-                       "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-                       "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-                       "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-                       "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-                       "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-                       "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)); \
-    }
-WGMMA_M64N128K16_RS(__nv_bfloat16, "bf16")
-WGMMA_M64N128K16_RS(__half, "f16")
-#undef WGMMA_M64N128K16_RS
+WGMMA_RS_N_MAJOR(__nv_bfloat16, "bf16", 64, WGMMA_D32_REGS, WGMMA_D32, "{%32, %33, %34, %35}, %36")
+WGMMA_RS_N_MAJOR(__half, "f16", 64, WGMMA_D32_REGS, WGMMA_D32, "{%32, %33, %34, %35}, %36")
+WGMMA_RS_N_MAJOR(__nv_bfloat16, "bf16", 128, WGMMA_D64_REGS, WGMMA_D64, "{%64, %65, %66, %67}, %68")
+WGMMA_RS_N_MAJOR(__half, "f16", 128, WGMMA_D64_REGS, WGMMA_D64, "{%64, %65, %66, %67}, %68")
+#undef WGMMA_RS_N_MAJOR
+#undef WGMMA_D32_REGS
+#undef WGMMA_D64_REGS
+#undef WGMMA_D32
+#undef WGMMA_D64
 // as fence_operand, for the 16-bit operand registers a wgmma reads (P of O += P V): they stay live,
 // and unchanged, until the wgmma is known done
 __device__ __forceinline__ void fence_operand(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
