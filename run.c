@@ -502,7 +502,9 @@ static float* forward_cpu(Model* m, int token, int pos) {
 // The GPU path: weights copied to the device as one block, every operation a kernel (kernels.h).
 
 #ifdef USE_CUDA
+#ifndef PREFILL_CHUNK      // (a build may set it, -DPREFILL_CHUNK=2048, to time other passes)
 #define PREFILL_CHUNK 1024  // tokens per batched pass: bounds the prefill buffers
+#endif
 #define LM_CHUNK 128        // tokens per LM-head product when every position needs its logits
 
 struct Gpu {
