@@ -46,7 +46,7 @@ summary() {  # the tables: failing kernel cases, the parity table, the benchmark
     done
     [ -f "$OUT/parity.log" ] && sed -n '/^model  *| run /,$p' "$OUT/parity.log"
     for f in bench decode prefill-bench; do [ -f "$OUT/$f.log" ] && sed -n '/^$/,$p' "$OUT/$f.log" | tail -n 40; done
-    [ -f "$OUT/ab.log" ] && sed -n '/^$/,$p' "$OUT/ab.log" | tail -n 8
+    [ -f "$OUT/ab.log" ] && sed -n '/^$/,$p' "$OUT/ab.log" | tail -n 12
     echo
     echo "$gpu, commit $commit, $(date -u +%Y-%m-%d)"
     local status=0
@@ -112,7 +112,7 @@ for s in $steps; do
     decode) step decode 'persistent / chain' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" decode ;;
     prefill-bench) step prefill-bench 'perplexity mode' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" prefill \
                        ${PREFILL_AGAINST:+--against "$PREFILL_AGAINST"} ;;
-    ab) step ab '^decode tok/s at context 4096, \./run' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" \
+    ab) step ab '^8B decode tok/s at context 128, \./run' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" \
             --against .gpu/run-base ;;
     *) echo "unknown step $s"; record "$s" 2 0 "unknown step" ;;
     esac

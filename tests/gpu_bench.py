@@ -13,7 +13,8 @@ Prints one table last; writes WORKDIR/bench.json.
 - the rest (without `decode`): prefill, perplexity mode, load time and memory on WORKDIR/qwen3-0.6b
   (the seeded random Qwen3-0.6B-config model that gpu_parity.py saves; built if absent), and Hugging
   Face transformers on the same weights.
-- --against BIN: only decode of the 0.6B shape, ./run against another build, alternating.
+- --against BIN: only decode of the 0.6B shape (contexts 128, 1024, 4096) and the 8B shape (128), ./run
+  against another build, alternating.
 - prefill: only prefill and perplexity mode on synthetic checkpoints (prefill_table), -a 1 against -a 0.
 
 Floor of a decode step: every weight byte the step reads once (all matrices, int8's scales included;
@@ -237,18 +238,20 @@ def main():
     rows.append(("device-to-device copy", f"{bw / 1e12:.2f} TB/s", "", ""))
 
     if against and not prefill_only:  # A/B: three alternating runs each, medians
-        checkpoint = os.path.join(work, "synthetic-0.6B.bin")
-        read, kv_per_token = synthetic(checkpoint, "0.6B")
-        for ctx in (128, 1024, 4096):
-            floor = bw / (read + kv_per_token * (ctx + 64))
-            times = {b: [] for b in ("./run", against)}
-            for _ in range(3):
-                for b in times:
-                    times[b].append(decode_tps(b, checkpoint, prompt_of(ctx))[0])
-            for b, t in times.items():
-                tps = sorted(t)[1]
-                rows.append((f"decode tok/s at context {ctx}, {b}", f"{tps:.0f} ({', '.join(f'{x:.0f}' for x in t)})",
-                             f"floor {floor:.0f}", f"{tps / floor:.0%}"))
+        for shape, contexts in (("0.6B", (128, 1024, 4096)), ("8B", (128,))):
+            checkpoint = os.path.join(work, f"synthetic-{shape}.bin")
+            read, kv_per_token = synthetic(checkpoint, shape)
+            for ctx in contexts:
+                floor = bw / (read + kv_per_token * (ctx + 64))
+                times = {b: [] for b in ("./run", against)}
+                for _ in range(3):
+                    for b in times:
+                        times[b].append(decode_tps(b, checkpoint, prompt_of(ctx))[0])
+                for b, t in times.items():
+                    tps = sorted(t)[1]
+                    rows.append((f"{shape} decode tok/s at context {ctx}, {b}",
+                                 f"{tps:.0f} ({', '.join(f'{x:.0f}' for x in t)})", f"floor {floor:.0f}", f"{tps / floor:.0%}"))
+            os.remove(checkpoint)
         return print_table(gpu)
 
     if prefill_only:
