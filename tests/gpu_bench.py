@@ -240,18 +240,21 @@ def main():
     if against and not prefill_only:  # A/B: three alternating runs each, medians
         for shape, contexts in (("0.6B", (128, 1024, 4096)), ("8B", (128,))):
             checkpoint = os.path.join(work, f"synthetic-{shape}.bin")
-            read, kv_per_token = synthetic(checkpoint, shape)
-            for ctx in contexts:
-                floor = bw / (read + kv_per_token * (ctx + 64))
-                times = {b: [] for b in ("./run", against)}
-                for _ in range(3):
-                    for b in times:
-                        times[b].append(decode_tps(b, checkpoint, prompt_of(ctx))[0])
-                for b, t in times.items():
-                    tps = sorted(t)[1]
-                    rows.append((f"{shape} decode tok/s at context {ctx}, {b}",
-                                 f"{tps:.0f} ({', '.join(f'{x:.0f}' for x in t)})", f"floor {floor:.0f}", f"{tps / floor:.0%}"))
-            os.remove(checkpoint)
+            try:  # the 8B file is 16 GB: gone after use, also when a run fails
+                read, kv_per_token = synthetic(checkpoint, shape)
+                for ctx in contexts:
+                    floor = bw / (read + kv_per_token * (ctx + 64))
+                    times = {b: [] for b in ("./run", against)}
+                    for _ in range(3):
+                        for b in times:
+                            times[b].append(decode_tps(b, checkpoint, prompt_of(ctx))[0])
+                    for b, t in times.items():
+                        tps = sorted(t)[1]
+                        rows.append((f"{shape} decode tok/s at context {ctx}, {b}", f"{tps:.0f} ({', '.join(f'{x:.0f}' for x in t)})",
+                                     f"floor {floor:.0f}", f"{tps / floor:.0%}"))
+            finally:
+                if os.path.exists(checkpoint):
+                    os.remove(checkpoint)
         return print_table(gpu)
 
     if prefill_only:
