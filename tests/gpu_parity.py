@@ -23,7 +23,9 @@ square of the reference logits at that position.
      qwen2.5-0.5b-4l  the Qwen2.5-0.5B shape with 4 layers (896/4864, 14:2 heads, hd 64, bias)
      stress           qwen3-0.6b's shape, 4 layers, k_norm gains x1000: unscaled (-K 0), fp16 K is inf
                       and ./run must stop with its non-finite error in logits and in ppl mode
-     qwen3-0.6b-4l-plain  qwen3-0.6b's shape, 4 layers, no k_norm outliers (for part 4 only)
+     qwen3-0.6b-4l-plain  qwen3-0.6b's shape, 4 layers, no k_norm outliers (for part 4, and the long
+                      prompt: 5000 tokens, prefilled in two passes (run.c's PREFILL_CHUNK, 4096),
+                      bf16, against HF float32 at every position with part 2's bounds)
    The Qwen3 ones but the last carry k_norm outliers as Qwen3-0.6B has them (96.5 in layer 0, 21-42
    in layers 1-7). Per KV type X, the worst rel L2 must stay within max(base[X], HF's own error
    running the same weights in the coarsest 16-bit format of the run: bf16 if the weights or the
@@ -145,6 +147,7 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 torch.set_grad_enabled(False)
 N_POS, N_PROMPT, N_GREEDY = 320, 16, 64
+LONG_MODEL, N_LONG = "qwen3-0.6b-4l-plain", 5000  # a prompt longer than one prefill pass (run.c: 4096)
 U = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
 TOL = {"bf16": 2e-2, "fp16": 4e-3}       # parts 1 and 2
 DEMO_TOL = {"bf16": 1e-2, "fp16": 2e-3}  # part 3
@@ -534,7 +537,20 @@ def stops_not_finite(args):
     return last, r.returncode == 1 and errors == [last] and "not finite" in last
 
 
-def random_model(name, seed, ids, prompt, text_path, tok):
+def long_prompt(name, path, long_ids, long_ref, long_hf16):
+    """A prompt of N_LONG tokens, more than one prefill pass: ./run (bf16; -a 1 the TMA products, -a 0 the
+    simple ones) against HF float32 at every position, with part 2's bounds."""
+    checkpoint = export(path, os.path.join(work, f"{name}.bf16.bin"), "bf16")
+    bound = yardstick(long_hf16, "bf16", "bf16")
+    for fused in (1, 0):
+        got = ours(checkpoint, long_ids, "bf16", fused, context=N_LONG + 64)
+        ok, rel, agree, clear = check(name, got, long_ref, TOL["bf16"], bound)
+        add_row(name, f"bf16 w, bf16 KV, {'fused' if fused else 'unfused'}: a {N_LONG}-token prompt (two passes)",
+                f"{rel.max():.2e} / {np.median(rel):.1e} (HF 16-bit {bound:.1e})",
+                f"{agree.mean():.1%} ({agree[clear].mean():.0%} of {clear.sum()} clear)", "-", ok)
+
+
+def random_model(name, seed, ids, prompt, text_path, tok, long_ids):
     path = os.path.join(work, name)
     model = build(name, seed, path)
     ref = hf_logits(model, ids)
@@ -546,6 +562,9 @@ def random_model(name, seed, ids, prompt, text_path, tok):
         hf_gaps = [float(torch.topk(s[0].float(), 2).values.diff().abs()) for s in gen.scores]
         hf_rms = [float(s[0].float().pow(2).mean().sqrt()) for s in gen.scores]
         hf16 = hf16_errors(model, ids, ref)
+    if name == LONG_MODEL:  # a model of no runs above: not yet cast by hf16_errors
+        long_ref = hf_logits(model, long_ids)
+        long_hf16 = hf16_errors(model, long_ids, long_ref)
     del model
     torch.cuda.empty_cache()
     for wdtype, kv, fused in runs:
@@ -578,6 +597,8 @@ def random_model(name, seed, ids, prompt, text_path, tok):
               config["num_hidden_layers"], head_dim_of(config))
     if name in INT8_MODELS:
         guarded(name, "int8", lambda: random_int8(name, path, ids, prompt, ref, tok))
+    if name == LONG_MODEL:
+        guarded(name, "long prompt", lambda: long_prompt(name, path, long_ids, long_ref, long_hf16))
 
 
 # ---- part 5: int8 weights -------------------------------------------------------------------------
@@ -832,8 +853,9 @@ def main():
         ids, prompt = text_ids[:N_POS], text_ids[1000:1000 + N_PROMPT]
         text_path = os.path.join(work, "text.txt")  # for ppl mode: the text of ids and a little more
         open(text_path, "w", encoding="utf-8").write(text[:2000])
+        long_ids = tok.encode(text[:40000])[:N_LONG]
         for seed, name in enumerate(MODELS, start=10):
-            guarded(name, "all", lambda: random_model(name, seed, ids, prompt, text_path, tok))
+            guarded(name, "all", lambda: random_model(name, seed, ids, prompt, text_path, tok, long_ids))
     except KeyboardInterrupt:  # a time limit (gpu.sh under timeout -s INT): the table of what ran
         add_row("parity", "interrupted", "-", "-", "-", False)
     print_table()
