@@ -22,6 +22,7 @@ of the embedding one row, unless it is tied to the LM head) plus the K/V bytes o
 the measured device-to-device copy bandwidth. A run that fails is a FAILED row (the others still
 run) and makes the exit status 1.
 """
+import contextlib
 import json
 import os
 import re
@@ -90,6 +91,26 @@ def synthetic(path, shape, wdtype=1):
     return read, L * 2 * nkv * HEAD_DIM * 2
 
 
+@contextlib.contextmanager
+def synthetic_checkpoint(shape, wdtype=1):
+    """synthetic()'s checkpoint in WORKDIR for the with block, as (path, bytes read, K/V bytes per token);
+    removed after it, also when a run fails (the 8B one is 16 GB)"""
+    path = os.path.join(work, f"synthetic-{shape}.bin")
+    try:
+        yield (path, *synthetic(path, shape, wdtype))
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def failed_row(label, e):
+    """A run that raised: a FAILED row with its last line (the others still run), and the exit status 1"""
+    last = str(e).strip().splitlines()[-1][:100] if str(e).strip() else ""
+    print(f"{label} failed: {e}", file=sys.stderr)
+    rows.append((f"{label}: FAILED", type(e).__name__, last, ""))
+    failed.append(label)
+
+
 def copy_bandwidth():
     n = 1 << 30  # 1 GiB each way, far past the L2
     a = torch.empty(n, dtype=torch.uint8, device="cuda")
@@ -136,31 +157,25 @@ def decode_table(bw, prompt_of):
         runs += [(s, 1, (128,))] + ([(s, 3, (128,))] if s == "8B" else [])
     measured = {}  # (shape, wdtype, context): ({fused: tok/s}, floor)
     for shape, wdtype, contexts in runs:
-        checkpoint = os.path.join(work, f"synthetic-{shape}.bin")
         try:
-            read, kv_per_token = synthetic(checkpoint, shape, wdtype)
-            for ctx in contexts:
-                floor = bw / (read + kv_per_token * (ctx + 64))  # tok/s if a step only moved its bytes
-                tps = {fused: decode_tps("./run", checkpoint, prompt_of(ctx), fused, ctx + 256)[0] for fused in (1, 0)}
-                measured[shape, wdtype, ctx] = tps, floor
-                for fused in (1, 0):
-                    rows.append((f"{shape} {WNAME[wdtype]}, context {ctx}, "
-                                 + ("persistent kernel" if fused else "chain of kernels"),
-                                 f"{tps[fused]:.0f}", f"floor {floor:.0f}", f"{tps[fused] / floor:.0%}"))
-                rows.append((f"  persistent / chain", f"{tps[1] / tps[0]:.2f}x", "", ""))
-                if wdtype == 3 and (shape, 1, ctx) in measured:
-                    base, base_floor = measured[shape, 1, ctx]
-                    rows.append((f"  int8 / bf16 ({shape}, context {ctx}, same path)",
-                                 f"persistent {tps[1] / base[1]:.2f}x", f"chain {tps[0] / base[0]:.2f}x",
-                                 f"floors {floor / base_floor:.2f}x"))
+            with synthetic_checkpoint(shape, wdtype) as (checkpoint, read, kv_per_token):
+                for ctx in contexts:
+                    floor = bw / (read + kv_per_token * (ctx + 64))  # tok/s if a step only moved its bytes
+                    tps = {fused: decode_tps("./run", checkpoint, prompt_of(ctx), fused, ctx + 256)[0]
+                           for fused in (1, 0)}
+                    measured[shape, wdtype, ctx] = tps, floor
+                    for fused in (1, 0):
+                        rows.append((f"{shape} {WNAME[wdtype]}, context {ctx}, "
+                                     + ("persistent kernel" if fused else "chain of kernels"),
+                                     f"{tps[fused]:.0f}", f"floor {floor:.0f}", f"{tps[fused] / floor:.0%}"))
+                    rows.append((f"  persistent / chain", f"{tps[1] / tps[0]:.2f}x", "", ""))
+                    if wdtype == 3 and (shape, 1, ctx) in measured:
+                        base, base_floor = measured[shape, 1, ctx]
+                        rows.append((f"  int8 / bf16 ({shape}, context {ctx}, same path)",
+                                     f"persistent {tps[1] / base[1]:.2f}x", f"chain {tps[0] / base[0]:.2f}x",
+                                     f"floors {floor / base_floor:.2f}x"))
         except Exception as e:  # noqa: BLE001 (a failed run is a row; the others still run)
-            last = str(e).strip().splitlines()[-1][:100] if str(e).strip() else ""
-            print(f"{shape} {WNAME[wdtype]} failed: {e}", file=sys.stderr)
-            rows.append((f"{shape} {WNAME[wdtype]}: FAILED", type(e).__name__, last, ""))
-            failed.append(f"{shape} {WNAME[wdtype]}")
-        finally:
-            if os.path.exists(checkpoint):
-                os.remove(checkpoint)
+            failed_row(f"{shape} {WNAME[wdtype]}", e)
 
 
 def matmul_peak():
@@ -199,33 +214,26 @@ def prefill_table(prompt_of):
     if against:  # another build, with its default path
         variants.append((against, 1, f"{against} -a 1"))
     for shape, lengths in (("0.6B", (2048, 8192, 32768)), ("8B", (2048,))):
-        checkpoint = os.path.join(work, f"synthetic-{shape}.bin")
         try:
-            synthetic(checkpoint, shape, 1)
-            for n in lengths:
-                for binary, fused, name in variants:
-                    _, err = run([binary, checkpoint, "-i", prompt_of(n), "-t", "0", "-n", "1", "-c", str(n + 256),
-                                  "-a", str(fused)])
-                    tps = field(r"\[prefill: \d+ tokens, ([\d.]+) tok/s", err)
-                    tflops = tps * prefill_flops(shape, field(r"\[prefill: (\d+) tokens", err)) / 1e12
-                    rows.append((f"{shape} prefill, {n}-token prompt, {name}", f"{tps:.0f} tok/s",
-                                 f"{tflops:.0f} TFLOP/s", f"{tflops / peak:.0%} of peak"))
-            if shape == "0.6B":
-                ppl_text = os.path.join(work, "ppl.txt")
-                open(ppl_text, "w", encoding="utf-8").write(prompt_of(32768))
-                for binary, fused, name in variants:
-                    _, err = run([binary, checkpoint, "-m", "ppl", "-f", ppl_text, "-c", "2048", "-a", str(fused)])
-                    ppl_tps = float(re.findall(r"([\d.]+) tok/s\]", err)[-1])
-                    rows.append((f"{shape} perplexity mode (32k tokens, windows of 2048), {name}",
-                                 f"{ppl_tps:.0f} tok/s", "", ""))
+            with synthetic_checkpoint(shape) as (checkpoint, _, _):
+                for n in lengths:
+                    for binary, fused, name in variants:
+                        _, err = run([binary, checkpoint, "-i", prompt_of(n), "-t", "0", "-n", "1", "-c",
+                                      str(n + 256), "-a", str(fused)])
+                        tps = field(r"\[prefill: \d+ tokens, ([\d.]+) tok/s", err)
+                        tflops = tps * prefill_flops(shape, field(r"\[prefill: (\d+) tokens", err)) / 1e12
+                        rows.append((f"{shape} prefill, {n}-token prompt, {name}", f"{tps:.0f} tok/s",
+                                     f"{tflops:.0f} TFLOP/s", f"{tflops / peak:.0%} of peak"))
+                if shape == "0.6B":
+                    ppl_text = os.path.join(work, "ppl.txt")
+                    open(ppl_text, "w", encoding="utf-8").write(prompt_of(32768))
+                    for binary, fused, name in variants:
+                        _, err = run([binary, checkpoint, "-m", "ppl", "-f", ppl_text, "-c", "2048", "-a", str(fused)])
+                        ppl_tps = float(re.findall(r"([\d.]+) tok/s\]", err)[-1])
+                        rows.append((f"{shape} perplexity mode (32k tokens, windows of 2048), {name}",
+                                     f"{ppl_tps:.0f} tok/s", "", ""))
         except Exception as e:  # noqa: BLE001 (a failed run is a row; the others still run)
-            last = str(e).strip().splitlines()[-1][:100] if str(e).strip() else ""
-            print(f"{shape} prefill failed: {e}", file=sys.stderr)
-            rows.append((f"{shape} prefill: FAILED", type(e).__name__, last, ""))
-            failed.append(f"{shape} prefill")
-        finally:
-            if os.path.exists(checkpoint):
-                os.remove(checkpoint)
+            failed_row(f"{shape} prefill", e)
 
 
 def main():
@@ -239,9 +247,7 @@ def main():
 
     if against and not prefill_only:  # A/B: three alternating runs each, medians
         for shape, contexts in (("0.6B", (128, 1024, 4096)), ("8B", (128,))):
-            checkpoint = os.path.join(work, f"synthetic-{shape}.bin")
-            try:  # the 8B file is 16 GB: gone after use, also when a run fails
-                read, kv_per_token = synthetic(checkpoint, shape)
+            with synthetic_checkpoint(shape) as (checkpoint, read, kv_per_token):
                 for ctx in contexts:
                     floor = bw / (read + kv_per_token * (ctx + 64))
                     times = {b: [] for b in ("./run", against)}
@@ -252,9 +258,6 @@ def main():
                         tps = sorted(t)[1]
                         rows.append((f"{shape} decode tok/s at context {ctx}, {b}", f"{tps:.0f} ({', '.join(f'{x:.0f}' for x in t)})",
                                      f"floor {floor:.0f}", f"{tps / floor:.0%}"))
-            finally:
-                if os.path.exists(checkpoint):
-                    os.remove(checkpoint)
         return print_table(gpu)
 
     if prefill_only:
