@@ -5,7 +5,8 @@
 # (default: kernels prefill parity sanitizer bench; `decode`: the benchmark's decode table alone,
 # every shape, the persistent kernel against the chain; `prefill-bench`: prefill and perplexity mode,
 # the TMA products against the simple ones). `ab` times decode of ./run against
-# .gpu/run-base, another build (e.g. of main) carried along. Text and tokenizer come from data/
+# .gpu/run-base, another build (e.g. of main) carried along, or the builds AB_AGAINST=A,B,... names
+# (AB_TRACE=A,B,...: builds of tests/decode_trace.py's copy of decode.cu, their traces too). Text and tokenizer come from data/
 # (tinyshakespeare and Qwen3's tokenizer files, xz), decompressed into the work folder. Logs go to
 # $OUT (or /tmp/gpu-out); the tables are printed last, then one line per step. Under a time limit,
 # `timeout -s INT SECONDS bash tests/gpu.sh ...` still prints them for the steps that ran.
@@ -113,7 +114,7 @@ for s in $steps; do
     prefill-bench) step prefill-bench 'perplexity mode' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" prefill \
                        ${PREFILL_AGAINST:+--against "$PREFILL_AGAINST"} ;;
     ab) step ab '^8B decode tok/s at context 128, \./run' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" \
-            --against .gpu/run-base ;;
+            --against "${AB_AGAINST:-.gpu/run-base}" ${AB_TRACE:+--trace "$AB_TRACE"} ;;
     *) echo "unknown step $s"; record "$s" 2 0 "unknown step" ;;
     esac
 done

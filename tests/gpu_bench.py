@@ -1,7 +1,7 @@
 """Speed of ./run against the memory-bandwidth floor and against Hugging Face, in one run.
 
 Runs on the GPU machine from the repo root after `make run`:
-    python3 tests/gpu_bench.py WORKDIR TEXT_FILE TOKENIZER_DIR [decode | prefill] [--against OTHER_BUILD]
+    python3 tests/gpu_bench.py WORKDIR TEXT_FILE TOKENIZER_DIR [decode | prefill] [--against BUILD[,BUILD...]]
 Prints one table last; writes WORKDIR/bench.json.
 - decode table (always): synthetic checkpoints of the Qwen3 0.6B, 1.7B, 4B, 8B and 14B shapes
   (written straight from README's format, random bf16 weights: speed does not depend on the values;
@@ -13,8 +13,9 @@ Prints one table last; writes WORKDIR/bench.json.
 - the rest (without `decode`): prefill, perplexity mode, load time and memory on WORKDIR/qwen3-0.6b
   (the seeded random Qwen3-0.6B-config model that gpu_parity.py saves; built if absent), and Hugging
   Face transformers on the same weights.
-- --against BIN: only decode of the 0.6B shape (contexts 128, 1024, 4096) and the 8B shape (128), ./run
-  against another build, alternating.
+- --against BIN[,BIN...]: only decode of the 0.6B shape (contexts 128, 384, 1024, 4096) and the 8B shape
+  (128), ./run against other builds, alternating; with --trace BIN[,BIN...], builds of decode_trace.py's
+  copy of decode.cu, each also run for 160 tokens at context 128 of the 0.6B shape, their trace printed.
 - prefill: only prefill and perplexity mode on synthetic checkpoints (prefill_table), -a 1 against -a 0.
 
 Floor of a decode step: every weight byte the step reads once (all matrices, int8's scales included;
@@ -38,8 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_model import HEADER, HEADER_FIELDS, tensor_layout  # noqa: E402  (README's checkpoint layout)
 
 work, text_file, tok_dir = sys.argv[1:4]
-# --against BIN: only decode, ./run against another build (BIN), alternating, in this one run
-against = sys.argv[sys.argv.index("--against") + 1] if "--against" in sys.argv else None
+# --against BIN[,BIN...]: only decode, ./run against other builds, alternating, in this one run
+against = sys.argv[sys.argv.index("--against") + 1].split(",") if "--against" in sys.argv else []
+traced = sys.argv[sys.argv.index("--trace") + 1].split(",") if "--trace" in sys.argv else []
 decode_only = "decode" in sys.argv[4:]
 prefill_only = "prefill" in sys.argv[4:]
 torch.set_grad_enabled(False)
@@ -207,12 +209,11 @@ def prefill_flops(shape, n):
 def prefill_table(prompt_of):
     """prefill tok/s of the 0.6B shape (2k, 8k, 32k-token prompts) and the 8B shape (2k), and perplexity
     mode on the 0.6B shape (32k tokens, windows of 2048), each with -a 1 (TMA products) and -a 0 (the
-    simple products) in the same run (and --against's build); TFLOP/s against cuBLAS's 8192^3 in this run"""
+    simple products) in the same run (and --against's builds); TFLOP/s against cuBLAS's 8192^3 in this run"""
     peak = matmul_peak()
     rows.append(("cuBLAS bf16 8192^3 (the peak below)", f"{peak:.0f} TFLOP/s", "", ""))
     variants = [("./run", 1, "TMA products (-a 1)"), ("./run", 0, "simple products (-a 0)")]
-    if against:  # another build, with its default path
-        variants.append((against, 1, f"{against} -a 1"))
+    variants += [(build, 1, f"{build} -a 1") for build in against]  # other builds, their default path
     for shape, lengths in (("0.6B", (2048, 8192, 32768)), ("8B", (2048,))):
         try:
             with synthetic_checkpoint(shape) as (checkpoint, _, _):
@@ -246,11 +247,11 @@ def main():
     rows.append(("device-to-device copy", f"{bw / 1e12:.2f} TB/s", "", ""))
 
     if against and not prefill_only:  # A/B: three alternating runs each, medians
-        for shape, contexts in (("0.6B", (128, 1024, 4096)), ("8B", (128,))):
+        for shape, contexts in (("0.6B", (128, 384, 1024, 4096)), ("8B", (128,))):
             with synthetic_checkpoint(shape) as (checkpoint, read, kv_per_token):
                 for ctx in contexts:
                     floor = bw / (read + kv_per_token * (ctx + 64))
-                    times = {b: [] for b in ("./run", against)}
+                    times = {b: [] for b in ["./run"] + against}
                     for _ in range(3):
                         for b in times:
                             times[b].append(decode_tps(b, checkpoint, prompt_of(ctx))[0])
@@ -258,6 +259,9 @@ def main():
                         tps = sorted(t)[1]
                         rows.append((f"{shape} decode tok/s at context {ctx}, {b}", f"{tps:.0f} ({', '.join(f'{x:.0f}' for x in t)})",
                                      f"floor {floor:.0f}", f"{tps / floor:.0%}"))
+                for b in traced if shape == "0.6B" else ():
+                    out, _ = run([b, checkpoint, "-i", prompt_of(128), "-t", "0", "-n", "160", "-c", "8192"])
+                    print("\n".join(f"{b}: {line}" for line in out.splitlines() if line.startswith("trace")))
         return print_table(gpu)
 
     if prefill_only:
