@@ -199,9 +199,8 @@ __device__ void attend_chunk(AttendShared<HD, G, WARPS>& sh, Result result, cons
 // other blocks: out(head, d, value). Every (m, l) is loaded at once into m_chunk and l_chunk (shared
 // memory, (count, n_chunks) each), and each thread issues the loads of all chunks of its dims before
 // it adds them, so the merge costs a couple of round trips to L2, not one per chunk. The partials
-// are read through `partials`: read<N>(at, use) calls use(j, scratch[at(j)]) for each j < N with
-// at(j) >= 0, all N loaded at once (the chain reads floats, ScratchPartials; the persistent kernel
-// waits for published words, decode.cu).
+// are read through `partials`: fetch(i) issues the load of scratch element i, value(word, i) gives
+// its value (the chain reads floats; the persistent kernel waits for published words, decode.cu).
 template <typename Partials, typename Out>
 __device__ __forceinline__ void merge_heads(const Partials& partials, Out out, int h0, int count, float* m_chunk,
                                             float* l_chunk, int len, int n_chunks, int hd) {
@@ -210,8 +209,9 @@ __device__ __forceinline__ void merge_heads(const Partials& partials, Out out, i
     auto part = [&](int g, int c) { return partial_at(h0 + g, c, n_chunks, hd); };
     for (int i = threadIdx.x; i < count * n_active; i += blockDim.x) {
         const int g = i / n_active, c = i % n_active;
-        partials.template read<2>([&](int j) { return (long long)part(g, c) + j; },
-                                  [&](int j, float value) { (j ? l_chunk : m_chunk)[g * n_chunks + c] = value; });
+        const auto m_word = partials.fetch(part(g, c)), l_word = partials.fetch(part(g, c) + 1);
+        m_chunk[g * n_chunks + c] = partials.value(m_word, part(g, c));
+        l_chunk[g * n_chunks + c] = partials.value(l_word, part(g, c) + 1);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < count * hd; i += blockDim.x) {
@@ -222,9 +222,15 @@ __device__ __forceinline__ void merge_heads(const Partials& partials, Out out, i
         float l_all = 0.f;
         for (int c = 0; c < n_active; c++) l_all += l[c] * expf(m[c] - m_all);
         float a_all = 0.f;
-        for (int c0 = 0; c0 < n_active; c0 += BATCH)
-            partials.template read<BATCH>([&](int j) { return c0 + j < n_active ? (long long)part(g, c0 + j) + 2 + d : -1LL; },
-                                          [&](int j, float value) { a_all += value * expf(m[c0 + j] - m_all); });
+        for (int c0 = 0; c0 < n_active; c0 += BATCH) {
+            decltype(partials.fetch(0)) a[BATCH];
+#pragma unroll
+            for (int j = 0; j < BATCH; j++)
+                if (c0 + j < n_active) a[j] = partials.fetch(part(g, c0 + j) + 2 + d);
+#pragma unroll
+            for (int j = 0; j < BATCH; j++)
+                if (c0 + j < n_active) a_all += partials.value(a[j], part(g, c0 + j) + 2 + d) * expf(m[c0 + j] - m_all);
+        }
         out(h0 + g, d, a_all / l_all);
     }
     __syncthreads();  // m_chunk and l_chunk are rewritten by the next call
@@ -233,16 +239,8 @@ __device__ __forceinline__ void merge_heads(const Partials& partials, Out out, i
 // The chain's partials: floats written by the kernel before (read through L2, as the cache)
 struct ScratchPartials {
     const float* scratch;
-    template <int N, typename At, typename Use>
-    __device__ void read(At at, Use use) const {
-        float values[N];
-#pragma unroll
-        for (int j = 0; j < N; j++)
-            if (at(j) >= 0) values[j] = __ldcg(scratch + at(j));
-#pragma unroll
-        for (int j = 0; j < N; j++)
-            if (at(j) >= 0) use(j, values[j]);
-    }
+    __device__ float fetch(size_t i) const { return __ldcg(scratch + i); }
+    __device__ float value(float loaded, size_t) const { return loaded; }
 };
 
 inline void check_attention_shape(int kv_dtype, int n_heads, int n_kv_heads, int head_dim, const char* who) {

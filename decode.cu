@@ -25,8 +25,7 @@
 //   2. attention                               (chunk, KV head) items over the blocks (attention.cuh); an
 //                                              item normalises and rotates its queries itself, the item
 //                                              holding row pos stores K and V there, and chunk 0's item
-//                                              of a KV head merges its heads' partials into att (a
-//                                              single chunk's item publishes att itself)
+//                                              of a KV head merges its heads' partials into att
 //   3. x += wo . att                           a block owns the same rows of x in wo and w_down, and
 //   4. h = silu(gate . rmsnorm(x)) * (up . rmsnorm(x))          keeps them in shared memory
 //   5. x += w_down . h
@@ -88,38 +87,18 @@ __device__ __forceinline__ uint64_t load_word(const uint64_t* slot) {
     asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(word) : "l"(slot) : "memory");
     return word;
 }
-// use(j, value) for the words at slot(j), j < N (nullptr: no word), once each carries flag. Every
-// load is issued before any word is looked at, and the words not there yet are polled again all at
-// once, round after round: the wait ends one round trip to L2 after the last of them lands. (Polling
-// one word after the other would pay a round trip for each word loaded before it landed.)
-template <int N, typename Slot, typename Use>
-__device__ __forceinline__ void wait_published(Slot slot, uint32_t flag, Use use) {
-    uint64_t words[N];
-#pragma unroll
-    for (int j = 0; j < N; j++)
-        if (slot(j)) words[j] = load_word(slot(j));
-    for (bool waiting = true; waiting;) {
-        waiting = false;
-#pragma unroll
-        for (int j = 0; j < N; j++)
-            if (slot(j) && (uint32_t)(words[j] >> 32) != flag) {
-                words[j] = load_word(slot(j));
-                waiting = true;
-            }
-    }
-#pragma unroll
-    for (int j = 0; j < N; j++)
-        if (slot(j)) use(j, __uint_as_float((uint32_t)words[j]));
+// The value in `word` (loaded from slot), once slot carries flag: polls until then.
+__device__ __forceinline__ float value_when(uint64_t word, const uint64_t* slot, uint32_t flag) {
+    while ((uint32_t)(word >> 32) != flag) word = load_word(slot);
+    return __uint_as_float((uint32_t)word);
 }
 
 // The attention partials as merge_heads reads them (attention.cuh): waited for
 struct PublishedPartials {
     const uint64_t* words;
     uint32_t flag;
-    template <int N, typename At, typename Use>
-    __device__ void read(At at, Use use) const {
-        wait_published<N>([&](int j) { const long long i = at(j); return i >= 0 ? words + i : nullptr; }, flag, use);
-    }
+    __device__ uint64_t fetch(size_t i) const { return load_word(words + i); }
+    __device__ float value(uint64_t loaded, size_t i) const { return value_when(loaded, words + i, flag); }
 };
 
 // One arrival of `total`; true, in every thread of the block, for the block that arrived last (it
@@ -293,12 +272,17 @@ __device__ __forceinline__ void piece_runs(const DecodeStep& p, const Piece& pie
 
 // A warp's weight stream: WARP_STAGES stages of shared memory, each with an mbarrier that completes
 // a phase when the stage's bytes land. Piece k goes to stage k % WARP_STAGES; lane 0 issues it as
-// soon as the warp is done with piece k - WARP_STAGES.
+// soon as the warp is done with piece k - WARP_STAGES, and then prefetches piece k + L2_AHEAD into
+// L2 (prefetch_next): while the blocks wait for each other with full stages, the memory keeps reading.
+#ifndef L2_AHEAD  // experiment (not measured yet): pieces prefetched into L2 ahead of the stages, 0 for none
+#define L2_AHEAD 0
+#endif
 struct WarpStream {
     char* stages;     // WARP_STAGES x stage_bytes
     uint64_t* full;   // (WARP_STAGES)
     int stage_bytes;
     const StreamPlan* plan;  // shared memory
+    Cursor prefetch_at;  // the next piece to prefetch into L2 (L2_AHEAD pieces past issue_at's)
     Cursor issue_at;  // the next piece to issue...
     int issued;
     Cursor consume_at;  // ...and to consume: `next`, if `more`
@@ -307,6 +291,16 @@ struct WarpStream {
     int consumed;
     uint64_t policy;
 };
+
+// The piece at prefetch_at into L2 (nothing past the stream's end)
+template <typename W>
+__device__ __forceinline__ void prefetch_next(const DecodeStep& p, WarpStream& s) {
+    Piece piece;
+    if (!next_piece<W>(p, *s.plan, s.prefetch_at, piece) || threadIdx.x % 32 != 0) return;
+    piece_runs<W>(p, piece, [&](const void* src, uint32_t run_bytes, uint32_t) {
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(src), "r"(run_bytes) : "memory");
+    });
+}
 
 template <typename W>
 __device__ void issue_next(const DecodeStep& p, WarpStream& s) {
@@ -370,6 +364,7 @@ __device__ void stream_matrix(const DecodeStep& p, WarpStream& s, int matrix, co
         s.consumed++;
         s.more = next_piece<W>(p, *s.plan, s.consume_at, s.next);
         issue_next<W>(p, s);
+        if (L2_AHEAD > 0) prefetch_next<W>(p, s);
     }
 }
 
@@ -380,12 +375,20 @@ __device__ void stream_matrix(const DecodeStep& p, WarpStream& s, int matrix, co
 // once per batch instead of once per element.
 constexpr int BATCH = 8;
 
-// v (n, shared memory) = the published src (n) once every value carries flag, BATCH words of a
-// thread waited for at once
+// v (n, shared memory) = the published src (n) once every value carries flag: each thread issues
+// all BATCH of its loads before it polls any
 __device__ __forceinline__ void load_published(float* v, const uint64_t* src, int n, uint32_t flag) {
-    for (int i0 = threadIdx.x; i0 < n; i0 += blockDim.x * BATCH)
-        wait_published<BATCH>([&](int j) { const int i = i0 + j * blockDim.x; return i < n ? src + i : nullptr; }, flag,
-                              [&](int j, float value) { v[i0 + j * blockDim.x] = value; });
+    for (int i0 = threadIdx.x; i0 < n; i0 += blockDim.x * BATCH) {
+        uint64_t words[BATCH];
+#pragma unroll
+        for (int j = 0; j < BATCH; j++)
+            if (i0 + j * blockDim.x < n) words[j] = load_word(src + i0 + j * blockDim.x);
+#pragma unroll
+        for (int j = 0; j < BATCH; j++) {
+            const int i = i0 + j * blockDim.x;
+            if (i < n) v[i] = value_when(words[j], src + i, flag);
+        }
+    }
     __syncthreads();
 }
 
@@ -428,21 +431,14 @@ template <int HD, int G> struct AttentionShared {
 
 // The attention items of a step (the same in every layer): n_active chunks of chunk_rows rows, of
 // the n_chunks the scratch is laid out for, times per_chunk (KV head, subgroup) items. Chunks are at
-// least CHUNK_PASSES passes of the block's loads long: a longer chunk costs a round trip to L2 per
-// pass, another chunk a merge of its partials, and a single chunk no merge at all (its item
-// publishes att itself), one hop between blocks fewer on the step's critical path.
-#ifndef CHUNK_PASSES
-#define CHUNK_PASSES 1
-#endif
-#ifndef SINGLE_CHUNK_ROWS  // up to this many rows, one chunk (experiment: 0 = off)
-#define SINGLE_CHUNK_ROWS 0
-#endif
+// least one pass of the block's loads long (a longer chunk costs a round trip to L2 per pass, another
+// chunk a merge of its partials).
 struct AttentionItems { int n_sub, per_chunk, n_chunks, chunk_rows, n_active; };
 template <int HD, int G>
 __device__ __forceinline__ AttentionItems attention_items(const DecodeStep& p, int len) {
     const int group = p.n_heads / p.n_kv_heads, n_sub = (group + G - 1) / G, per_chunk = p.n_kv_heads * n_sub;
-    constexpr int PASS_ROWS = CHUNK_PASSES * DECODE_WARPS * AttendLoads<HD, G>::RPW * AttendLoads<HD, G>::U;
-    const int n_chunks = len <= SINGLE_CHUNK_ROWS ? 1 : max(1, min(min(attention_n_chunks(p.seq_len), (int)gridDim.x / per_chunk), (len + PASS_ROWS - 1) / PASS_ROWS));
+    constexpr int PASS_ROWS = DECODE_WARPS * AttendLoads<HD, G>::RPW * AttendLoads<HD, G>::U;
+    const int n_chunks = max(1, min(min(attention_n_chunks(p.seq_len), (int)gridDim.x / per_chunk), (len + PASS_ROWS - 1) / PASS_ROWS));
     const int chunk_rows = attention_chunk_rows(len, n_chunks);
     return {n_sub, per_chunk, n_chunks, chunk_rows, (len + chunk_rows - 1) / chunk_rows};
 }
@@ -498,9 +494,14 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
         constexpr int PER_LANE = (HD + 31) / 32;
         for (int g = warp; g < heads.count; g += DECODE_WARPS) {
             float* qg = sh.attend.q[g];
-            const uint64_t* qh = q + (size_t)(heads.h0 + g) * HD;
-            wait_published<PER_LANE>([&](int j) { return lane + 32 * j < HD ? qh + lane + 32 * j : nullptr; }, qkv_flag,
-                                     [&](int j, float value) { qg[lane + 32 * j] = value; });
+            const uint64_t* qh = q + (size_t)(heads.h0 + g) * HD + lane;
+            uint64_t words[PER_LANE];
+#pragma unroll
+            for (int j = 0; j < PER_LANE; j++)
+                if (lane + 32 * j < HD) words[j] = load_word(qh + 32 * j);
+#pragma unroll
+            for (int j = 0; j < PER_LANE; j++)
+                if (lane + 32 * j < HD) qg[lane + 32 * j] = value_when(words[j], qh + 32 * j, qkv_flag);
             __syncwarp();
             norm_rope_head<KV>(qg, q_norm, HD, pos, p.theta, p.eps, nullptr, 1.f, inv_freq);
             __syncwarp();
@@ -509,31 +510,31 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
         // the chunk holding row pos: k_norm and RoPE of the new key; k / k_scale and v stored there
         if (chunk == n_active - 1 && warp == DECODE_WARPS - 1) {
             const size_t row = ((size_t)pos * p.n_kv_heads + kv_head) * HD;
-            const uint64_t *kh = k + (size_t)kv_head * HD, *vh = v + (size_t)kv_head * HD;
-            // entry j < PER_LANE: the key's dim lane + 32 j; then the value's
-            wait_published<2 * PER_LANE>([&](int j) {
-                const int d = lane + 32 * (j % PER_LANE);
-                return d < HD ? (j < PER_LANE ? kh : vh) + d : nullptr;
-            }, qkv_flag, [&](int j, float value) {
-                const int d = lane + 32 * (j % PER_LANE);
-                if (j < PER_LANE) sh.k_row[d] = value;
-                else v_cache[row + d] = from_float<KV>(value);
-            });
+            const uint64_t *kh = k + (size_t)kv_head * HD + lane, *vh = v + (size_t)kv_head * HD + lane;
+            uint64_t k_words[PER_LANE], v_words[PER_LANE];
+#pragma unroll
+            for (int j = 0; j < PER_LANE; j++)
+                if (lane + 32 * j < HD) {
+                    k_words[j] = load_word(kh + 32 * j);
+                    v_words[j] = load_word(vh + 32 * j);
+                }
+#pragma unroll
+            for (int j = 0; j < PER_LANE; j++)
+                if (lane + 32 * j < HD) {
+                    sh.k_row[lane + 32 * j] = value_when(k_words[j], kh + 32 * j, qkv_flag);
+                    v_cache[row + lane + 32 * j] = from_float<KV>(value_when(v_words[j], vh + 32 * j, qkv_flag));
+                }
             __syncwarp();
             norm_rope_head<KV>(sh.k_row, k_norm, HD, pos, p.theta, p.eps, k_cache + row, k_scale, inv_freq);
         }
         __syncthreads();  // the queries and the block's own cache row are written
         attend_chunk<KV, HD, G, DECODE_WARPS>(sh.attend, [&](int h, int d, float m, float l_sum, float acc) {
-            if (n_active == 1) {  // the whole context: att itself (merge_heads of one partial, the same value)
-                publish(pub.att + (size_t)h * HD + d, acc / l_sum, att_flag);
-                return;
-            }
             uint64_t* partial = pub.partials + partial_at(h, chunk, n_chunks, HD);
             if (d == 0) { publish(partial, m, partials_flag); publish(partial + 1, l_sum, partials_flag); }
             publish(partial + 2 + d, acc, partials_flag);
         }, k_cache, v_cache, kv_head, heads, chunk, len, n_chunks, p.n_kv_heads);
         // chunk 0's item: its heads merged from every active chunk's partials into att
-        if (chunk == 0 && n_active > 1)
+        if (chunk == 0)
             merge_heads(PublishedPartials{pub.partials, partials_flag},
                         [&](int h, int d, float value) { publish(pub.att + (size_t)h * HD + d, value, att_flag); },
                         heads.h0, heads.count, &sh.m_chunk[0][0], &sh.l_chunk[0][0], len, n_chunks, HD);
@@ -565,7 +566,7 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     s.full = full[warp];
     s.stage_bytes = stage_bytes;
     s.plan = &plans[warp];
-    s.issue_at = s.consume_at = {-1, 0, 0, 0};
+    s.prefetch_at = s.issue_at = s.consume_at = {-1, 0, 0, 0};
     s.issued = s.consumed = 0;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(s.policy));
     float* v = reinterpret_cast<float*>(smem + (size_t)DECODE_WARPS * WARP_STAGES * stage_bytes);
@@ -584,6 +585,11 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     __syncthreads();
     s.more = next_piece<W>(p, *s.plan, s.consume_at, s.next);
     for (int i = 0; i < WARP_STAGES; i++) issue_next<W>(p, s);  // the weights stream in from here on
+    if (L2_AHEAD > 0) {  // the L2_AHEAD pieces after the stages' into L2
+        Piece staged;
+        for (int i = 0; i < WARP_STAGES; i++) next_piece<W>(p, *s.plan, s.prefetch_at, staged);
+        for (int i = 0; i < L2_AHEAD; i++) prefetch_next<W>(p, s);
+    }
     prefetch_item_rows<KV, HD, G>(p, 0, pos);  // layer 0's attention rows (later layers': phase 2)
 
     // 0. x = embedding[token]: every block keeps it (layer 0's rmsnorm needs all of it) and its own rows
