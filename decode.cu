@@ -272,17 +272,12 @@ __device__ __forceinline__ void piece_runs(const DecodeStep& p, const Piece& pie
 
 // A warp's weight stream: WARP_STAGES stages of shared memory, each with an mbarrier that completes
 // a phase when the stage's bytes land. Piece k goes to stage k % WARP_STAGES; lane 0 issues it as
-// soon as the warp is done with piece k - WARP_STAGES, and then prefetches piece k + L2_AHEAD into
-// L2 (prefetch_next): while the blocks wait for each other with full stages, the memory keeps reading.
-#ifndef L2_AHEAD  // experiment (not measured yet): pieces prefetched into L2 ahead of the stages, 0 for none
-#define L2_AHEAD 0
-#endif
+// soon as the warp is done with piece k - WARP_STAGES.
 struct WarpStream {
     char* stages;     // WARP_STAGES x stage_bytes
     uint64_t* full;   // (WARP_STAGES)
     int stage_bytes;
     const StreamPlan* plan;  // shared memory
-    Cursor prefetch_at;  // the next piece to prefetch into L2 (L2_AHEAD pieces past issue_at's)
     Cursor issue_at;  // the next piece to issue...
     int issued;
     Cursor consume_at;  // ...and to consume: `next`, if `more`
@@ -291,16 +286,6 @@ struct WarpStream {
     int consumed;
     uint64_t policy;
 };
-
-// The piece at prefetch_at into L2 (nothing past the stream's end)
-template <typename W>
-__device__ __forceinline__ void prefetch_next(const DecodeStep& p, WarpStream& s) {
-    Piece piece;
-    if (!next_piece<W>(p, *s.plan, s.prefetch_at, piece) || threadIdx.x % 32 != 0) return;
-    piece_runs<W>(p, piece, [&](const void* src, uint32_t run_bytes, uint32_t) {
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(src), "r"(run_bytes) : "memory");
-    });
-}
 
 template <typename W>
 __device__ void issue_next(const DecodeStep& p, WarpStream& s) {
@@ -364,7 +349,6 @@ __device__ void stream_matrix(const DecodeStep& p, WarpStream& s, int matrix, co
         s.consumed++;
         s.more = next_piece<W>(p, *s.plan, s.consume_at, s.next);
         issue_next<W>(p, s);
-        if (L2_AHEAD > 0) prefetch_next<W>(p, s);
     }
 }
 
@@ -566,7 +550,7 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     s.full = full[warp];
     s.stage_bytes = stage_bytes;
     s.plan = &plans[warp];
-    s.prefetch_at = s.issue_at = s.consume_at = {-1, 0, 0, 0};
+    s.issue_at = s.consume_at = {-1, 0, 0, 0};
     s.issued = s.consumed = 0;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(s.policy));
     float* v = reinterpret_cast<float*>(smem + (size_t)DECODE_WARPS * WARP_STAGES * stage_bytes);
@@ -585,11 +569,6 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     __syncthreads();
     s.more = next_piece<W>(p, *s.plan, s.consume_at, s.next);
     for (int i = 0; i < WARP_STAGES; i++) issue_next<W>(p, s);  // the weights stream in from here on
-    if (L2_AHEAD > 0) {  // the L2_AHEAD pieces after the stages' into L2
-        Piece staged;
-        for (int i = 0; i < WARP_STAGES; i++) next_piece<W>(p, *s.plan, s.prefetch_at, staged);
-        for (int i = 0; i < L2_AHEAD; i++) prefetch_next<W>(p, s);
-    }
     prefetch_item_rows<KV, HD, G>(p, 0, pos);  // layer 0's attention rows (later layers': phase 2)
 
     // 0. x = embedding[token]: every block keeps it (layer 0's rmsnorm needs all of it) and its own rows
