@@ -15,8 +15,10 @@ PYTHON ?= $(firstword $(foreach p,python3 /usr/bin/python3,$(shell $(p) -c "impo
 runcpu: run.c tokenizer.h
 	$(CC) $(CFLAGS) -fopenmp -o $@ run.c -lm
 
-# decode.cu compiles as two objects, each with half of its kernels (its dispatch says why)
-KERNEL_OBJS = $(patsubst %.cu,build/%.o,$(filter-out decode.cu,$(KERNELS))) build/decode-0.o build/decode-1.o
+# decode.cu compiles as four objects, one per weight dtype (its dispatch says why), listed first, the
+# longest first, so that `make -j` starts them before the short compiles
+KERNEL_OBJS = build/decode-3.o build/decode-2.o build/decode-0.o build/decode-1.o \
+              $(patsubst %.cu,build/%.o,$(filter-out decode.cu,$(KERNELS)))
 
 build/%.o: %.cu kernels.h common.cuh attention.cuh tensor_core.cuh
 	@mkdir -p build

@@ -44,7 +44,7 @@ constexpr int GROUP_ROWS = 4;                // rows whose dot products a warp c
 constexpr int MAX_DECODE_BLOCKS = 1024;
 
 // the blocks' maxima of the logits, for the last block's argmax (module state: one stream at a time;
-// each of the file's two objects, below, has its own)
+// each of the file's objects, below, has its own)
 static __device__ float decode_block_max[MAX_DECODE_BLOCKS];
 static __device__ int decode_block_argmax[MAX_DECODE_BLOCKS];
 static __device__ bool decode_block_nonfinite[MAX_DECODE_BLOCKS];
@@ -710,9 +710,9 @@ static int launch_decode(const DecodeStep* p, bool launch, int token, int pos, i
 }
 
 // The kernel exists for every weight dtype x KV dtype x head size x group cap: 120 instantiations, by
-// far the longest compile of the build. So the Makefile compiles this file twice, DECODE_PART 0
-// instantiating the bf16 and fp16 weights' kernels (and holding the entry points), 1 the fp32 and
-// int8 ones: `make -j` builds the halves side by side.
+// far the longest compile of the build. So the Makefile compiles this file once per weight dtype,
+// DECODE_PART 0 instantiating the bf16 weights' kernels (and holding the entry points), 1 the fp16,
+// 2 the fp32 and 3 the int8 ones: `make -j` builds them side by side.
 template <typename W>
 int dispatch_decode_w(const DecodeStep* p, bool launch, int token, int pos, int* result, cudaStream_t stream) {
     int stages = 0;
@@ -724,12 +724,12 @@ int dispatch_decode_w(const DecodeStep* p, bool launch, int token, int pos, int*
     return stages;
 }
 #ifndef DECODE_PART
-#error "compile decode.cu with -DDECODE_PART=0 and 1 (Makefile)"
+#error "compile decode.cu with -DDECODE_PART=0, 1, 2 and 3 (Makefile)"
 #endif
 #define DECODE_INSTANCE(EXTERN, W) EXTERN template int dispatch_decode_w<W>(const DecodeStep*, bool, int, int, int*, cudaStream_t);
 #if DECODE_PART == 0
 DECODE_INSTANCE(, __nv_bfloat16)
-DECODE_INSTANCE(, __half)
+DECODE_INSTANCE(extern, __half)
 DECODE_INSTANCE(extern, float)
 DECODE_INSTANCE(extern, int8_t)
 
@@ -769,7 +769,10 @@ extern "C" void decode_step_gpu(DecodeStep* step, int token, int pos, int* resul
     }
     CUDA_CHECK(cudaGetLastError());
 }
-#else
+#elif DECODE_PART == 1
+DECODE_INSTANCE(, __half)
+#elif DECODE_PART == 2
 DECODE_INSTANCE(, float)
+#else
 DECODE_INSTANCE(, int8_t)
 #endif
