@@ -6,9 +6,10 @@
 # every shape, the persistent kernel against the chain; `prefill-bench`: prefill and perplexity mode,
 # the TMA products against the simple ones). `ab` times decode of ./run against
 # .gpu/run-base, another build (e.g. of main) carried along, or the builds AB_AGAINST=A,B,... names
-# (AB_TRACE=A,B,...: builds of tests/decode_trace.py's copy of decode.cu, their traces too). Text and tokenizer come from data/
-# (tinyshakespeare and Qwen3's tokenizer files, xz), decompressed into the work folder. Logs go to
-# $OUT (or /tmp/gpu-out); the tables are printed last, then one line per step. Under a time limit,
+# (AB_TRACE=A,B,...: builds of tests/decode_trace.py's copy of decode.cu, their traces too). Text
+# and tokenizer come from data/ (tinyshakespeare and Qwen3's tokenizer files, xz), decompressed into
+# the work folder. Logs go to $OUT (or /tmp/gpu-out); the tables are printed last, then one line per
+# step. Under a time limit,
 # `timeout -s INT SECONDS bash tests/gpu.sh ...` still prints them for the steps that ran.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}

@@ -849,11 +849,10 @@ def main():
     try:
         guarded("fixtures", "all", lambda: fixtures(tok, text))
         guarded("demo", "all", lambda: demo(text))
-        text_ids = tok.encode(text[:20000])
-        ids, prompt = text_ids[:N_POS], text_ids[1000:1000 + N_PROMPT]
+        text_ids = tok.encode(text[:40000])  # ~10k tokens: N_POS, the prompt at 1000, and N_LONG
+        ids, prompt, long_ids = text_ids[:N_POS], text_ids[1000:1000 + N_PROMPT], text_ids[:N_LONG]
         text_path = os.path.join(work, "text.txt")  # for ppl mode: the text of ids and a little more
         open(text_path, "w", encoding="utf-8").write(text[:2000])
-        long_ids = tok.encode(text[:40000])[:N_LONG]
         for seed, name in enumerate(MODELS, start=10):
             guarded(name, "all", lambda: random_model(name, seed, ids, prompt, text_path, tok, long_ids))
     except KeyboardInterrupt:  # a time limit (gpu.sh under timeout -s INT): the table of what ran
