@@ -44,9 +44,8 @@ attention_chunk_kernel(float* scratch, const float* q, const KV* k_cache, const 
 __global__ void attention_merge_kernel(float* out, const float* scratch, const int* pos, int head_dim,
                                        int n_chunks) {
     griddep_wait();
-    __shared__ float m_chunk[ATT_MAX_CHUNKS], l_chunk[ATT_MAX_CHUNKS];
     merge_heads(ScratchPartials{scratch}, [&](int h, int d, float value) { out[(size_t)h * head_dim + d] = value; },
-                blockIdx.x, 1, m_chunk, l_chunk, *pos + 1, n_chunks, head_dim);
+                blockIdx.x, 1, *pos + 1, n_chunks, head_dim);
 }
 
 template <typename KV, int HD, int G>

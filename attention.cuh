@@ -196,44 +196,43 @@ __device__ void attend_chunk(AttendShared<HD, G, WARPS>& sh, Result result, cons
 
 // One block: the outputs of `count` query heads from h0 on, each merged from its chunk partials
 // (the scratch layout of attend_chunk), of which the first ceil(len / chunk_rows) were written by
-// other blocks: out(head, d, value). Every (m, l) is loaded at once into m_chunk and l_chunk (shared
-// memory, (count, n_chunks) each), and each thread issues the loads of all chunks of its dims before
-// it adds them, so the merge costs a couple of round trips to L2, not one per chunk. The partials
-// are read through `partials`: fetch(i) issues the load of scratch element i, value(word, i) gives
-// its value (the chain reads floats; the persistent kernel waits for published words, decode.cu).
+// other blocks: out(head, d, value). A thread issues the loads of (m, l, acc[d]) of BATCH chunks at
+// once, so a merge of up to BATCH chunks costs one round trip to L2 (two, m and l first, measured
+// 1.07x slower at the 0.6B shape); the chunks are folded in one by one, rescaled to the running max.
+// The partials are read through `partials`: fetch(i) issues the load of scratch element i,
+// value(word, i) gives its value (the chain reads floats; the persistent kernel waits for published
+// words, decode.cu).
 template <typename Partials, typename Out>
-__device__ __forceinline__ void merge_heads(const Partials& partials, Out out, int h0, int count, float* m_chunk,
-                                            float* l_chunk, int len, int n_chunks, int hd) {
-    constexpr int BATCH = 16;
+__device__ __forceinline__ void merge_heads(const Partials& partials, Out out, int h0, int count, int len, int n_chunks,
+                                            int hd) {
+    constexpr int BATCH = 8;  // 24 loads in flight a thread (16 spill the persistent kernel's registers)
     const int rows = attention_chunk_rows(len, n_chunks), n_active = (len + rows - 1) / rows;
-    auto part = [&](int g, int c) { return partial_at(h0 + g, c, n_chunks, hd); };
-    for (int i = threadIdx.x; i < count * n_active; i += blockDim.x) {
-        const int g = i / n_active, c = i % n_active;
-        const auto m_word = partials.fetch(part(g, c)), l_word = partials.fetch(part(g, c) + 1);
-        m_chunk[g * n_chunks + c] = partials.value(m_word, part(g, c));
-        l_chunk[g * n_chunks + c] = partials.value(l_word, part(g, c) + 1);
-    }
-    __syncthreads();
     for (int i = threadIdx.x; i < count * hd; i += blockDim.x) {
         const int g = i / hd, d = i % hd;
-        const float *m = m_chunk + g * n_chunks, *l = l_chunk + g * n_chunks;
-        float m_all = -INFINITY;
-        for (int c = 0; c < n_active; c++) m_all = fmaxf(m_all, m[c]);
-        float l_all = 0.f;
-        for (int c = 0; c < n_active; c++) l_all += l[c] * expf(m[c] - m_all);
-        float a_all = 0.f;
+        float m_all = -INFINITY, l_all = 0.f, a_all = 0.f;
         for (int c0 = 0; c0 < n_active; c0 += BATCH) {
-            decltype(partials.fetch(0)) a[BATCH];
+            decltype(partials.fetch(0)) m_word[BATCH], l_word[BATCH], a_word[BATCH];
 #pragma unroll
             for (int j = 0; j < BATCH; j++)
-                if (c0 + j < n_active) a[j] = partials.fetch(part(g, c0 + j) + 2 + d);
+                if (c0 + j < n_active) {
+                    const size_t at = partial_at(h0 + g, c0 + j, n_chunks, hd);
+                    m_word[j] = partials.fetch(at);
+                    l_word[j] = partials.fetch(at + 1);
+                    a_word[j] = partials.fetch(at + 2 + d);
+                }
 #pragma unroll
             for (int j = 0; j < BATCH; j++)
-                if (c0 + j < n_active) a_all += partials.value(a[j], part(g, c0 + j) + 2 + d) * expf(m[c0 + j] - m_all);
+                if (c0 + j < n_active) {
+                    const size_t at = partial_at(h0 + g, c0 + j, n_chunks, hd);
+                    const float m = partials.value(m_word[j], at), m_new = fmaxf(m_all, m);
+                    const float f_all = rescale_factor(m_all, m_new), f = expf(m - m_new);
+                    l_all = l_all * f_all + partials.value(l_word[j], at + 1) * f;
+                    a_all = a_all * f_all + partials.value(a_word[j], at + 2 + d) * f;
+                    m_all = m_new;
+                }
         }
         out(h0 + g, d, a_all / l_all);
     }
-    __syncthreads();  // m_chunk and l_chunk are rewritten by the next call
 }
 
 // The chain's partials: floats written by the kernel before (read through L2, as the cache)

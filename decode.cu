@@ -21,7 +21,8 @@
 // The phases, one comment each in decode_step_kernel:
 //   0. x = embedding[token]
 //   per layer:
-//   1. qkv = wqkv . rmsnorm(x) + bqkv          every block its rows; each block computes rms(x) itself
+//   1. qkv = wqkv . rmsnorm(x) + bqkv          every block its rows; each block computes rms(x) itself,
+//                                              as it loads x, and scales its dot products by 1/rms
 //   2. attention                               (chunk, KV head) items over the blocks (attention.cuh); an
 //                                              item normalises and rotates its queries itself, the item
 //                                              holding row pos stores K and V there, and chunk 0's item
@@ -376,41 +377,40 @@ __device__ __forceinline__ void load_published(float* v, const uint64_t* src, in
     __syncthreads();
 }
 
-// dst (n floats, shared memory) = src (n, 16-byte aligned, n % 4 == 0) by asynchronous 16-byte copies:
-// issued before a wait, they land while the block waits; copy_vector_wait() completes them. (The
-// norm weights: they do not depend on the other blocks, so their round trip need not follow the wait.)
-__device__ __forceinline__ void copy_vector_async(float* dst, const float* src, int n) {
-    for (int i = threadIdx.x * 4; i < n; i += blockDim.x * 4)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst + i)), "l"(src + i) : "memory");
-    asm volatile("cp.async.commit_group;" ::: "memory");
-}
-__device__ __forceinline__ void copy_vector_wait() {
-    asm volatile("cp.async.wait_all;" ::: "memory");
-    __syncthreads();
-}
-
-// v = v * rsqrt(mean(v^2) + eps) * weight, as rmsnorm.cu; weight in shared memory
-__device__ __forceinline__ void rmsnorm_in_place(float* v, const float* weight, int n, float eps) {
+// v (n, shared memory) = gain * the published src (n) once every value carries flag, and the returned
+// 1 / rms(src): rmsnorm(x) = inv_rms * v, the factor applied to the dot products of v in the
+// epilogues. Folded into the wait, the norm costs one block reduction, not a pass of its own over x
+// (measured 1.05-1.06x the separate pass at the 0.6B shape).
+__device__ __forceinline__ float load_published_normed(float* v, const uint64_t* src, const float* gain, int n,
+                                                       uint32_t flag, float eps) {
     float ss = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) ss = fmaf(v[i], v[i], ss);
-    const float inv_rms = rsqrtf(block_sum(ss) / n + eps);
     for (int i0 = threadIdx.x; i0 < n; i0 += blockDim.x * BATCH) {
-        float w[BATCH];
-#pragma unroll
-        for (int j = 0; j < BATCH; j++) w[j] = i0 + j * blockDim.x < n ? weight[i0 + j * blockDim.x] : 0.f;
+        uint64_t words[BATCH];
+        float g[BATCH];
 #pragma unroll
         for (int j = 0; j < BATCH; j++)
-            if (i0 + j * blockDim.x < n) v[i0 + j * blockDim.x] = v[i0 + j * blockDim.x] * inv_rms * w[j];
+            if (i0 + j * blockDim.x < n) {
+                words[j] = load_word(src + i0 + j * blockDim.x);
+                g[j] = __ldg(gain + i0 + j * blockDim.x);
+            }
+#pragma unroll
+        for (int j = 0; j < BATCH; j++) {
+            const int i = i0 + j * blockDim.x;
+            if (i < n) {
+                const float x = value_when(words[j], src + i, flag);
+                v[i] = x * g[j];
+                ss = fmaf(x, x, ss);
+            }
+        }
     }
-    __syncthreads();
+    return rsqrtf(block_sum(ss) / n + eps);  // block_sum's barrier also makes v whole for every warp
 }
 
 // ---- attention ----------------------------------------------------------------------------------
 
 template <int HD, int G> struct AttentionShared {
     AttendShared<HD, G, DECODE_WARPS> attend;
-    float k_row[HD];                                  // the new key, normalised and rotated
-    float m_chunk[G][ATT_MAX_CHUNKS], l_chunk[G][ATT_MAX_CHUNKS];  // the merge's (merge_heads)
+    float k_row[HD];  // the new key, normalised and rotated
 };
 
 // The attention items of a step (the same in every layer): n_active chunks of chunk_rows rows, of
@@ -521,7 +521,7 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
         if (chunk == 0)
             merge_heads(PublishedPartials{pub.partials, partials_flag},
                         [&](int h, int d, float value) { publish(pub.att + (size_t)h * HD + d, value, att_flag); },
-                        heads.h0, heads.count, &sh.m_chunk[0][0], &sh.l_chunk[0][0], len, n_chunks, HD);
+                        heads.h0, heads.count, len, n_chunks, HD);
     }
     if (l + 1 < p.n_layers) prefetch_item_rows<KV, HD, G>(p, l + 1, pos);
 }
@@ -529,8 +529,8 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
 // ---- the step -----------------------------------------------------------------------------------
 
 // Dynamic shared memory: the warps' stages, then the work area (work_floats: the input vector of a
-// phase, max(dim, q_dim, hidden_dim) floats, or in phase 2 the attention state), then dim floats for
-// the RMSNorm weights, then the block's rows of x (ceil(dim / blocks) floats).
+// phase, max(dim, q_dim, hidden_dim) floats, or in phase 2 the attention state), then the block's
+// rows of x (ceil(dim / blocks) floats).
 template <typename W, typename KV, int HD, int G>
 __global__ void __launch_bounds__(DECODE_THREADS, 1)
 decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result, int stage_bytes, int work_floats) {
@@ -554,9 +554,8 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     s.issued = s.consumed = 0;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(s.policy));
     float* v = reinterpret_cast<float*>(smem + (size_t)DECODE_WARPS * WARP_STAGES * stage_bytes);
-    float* norm = v + work_floats;  // (dim) the RMSNorm weights of the next norm
     const Span own = block_span(D);
-    float* x_own = norm + D;        // (own.end - own.begin) the block's rows of the residual stream
+    float* x_own = v + work_floats;  // (own.end - own.begin) the block's rows of the residual stream
     Published pub;
     published_words(p, &pub);
     AttentionShared<HD, G>& att_sh = *reinterpret_cast<AttentionShared<HD, G>*>(v);
@@ -571,8 +570,10 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     for (int i = 0; i < WARP_STAGES; i++) issue_next<W>(p, s);  // the weights stream in from here on
     prefetch_item_rows<KV, HD, G>(p, 0, pos);  // layer 0's attention rows (later layers': phase 2)
 
-    // 0. x = embedding[token]: every block keeps it (layer 0's rmsnorm needs all of it) and its own rows
+    // 0. x = embedding[token]: every block keeps rms_att[0] * x (layer 0's rmsnorm needs all of it) and
+    // its own rows of x
     const size_t embedding_row = (size_t)token * D;
+    float ss = 0.f;  // sum of squares of x
     for (int i0 = threadIdx.x; i0 < D; i0 += blockDim.x * BATCH) {
         float e[BATCH];
 #pragma unroll
@@ -583,7 +584,8 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
         for (int j = 0; j < BATCH; j++) {
             const int i = i0 + j * blockDim.x;
             if (i < D) {
-                v[i] = e[j];
+                v[i] = e[j] * __ldg(p.rms_att + i);
+                ss = fmaf(e[j], e[j], ss);
                 if (i >= own.begin && i < own.end) x_own[i - own.begin] = e[j];
             }
         }
@@ -595,15 +597,13 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
             publish(pub.x + row, x, flag_of(p, l, phase));
         };
     };
+    float inv_rms = rsqrtf(block_sum(ss) / D + p.eps);  // of the RMSNorm ahead
     for (int l = 0; l < L; l++) {
-        // 1. qkv = wqkv . rmsnorm(x) + bqkv
-        copy_vector_async(norm, p.rms_att + (size_t)l * D, D);
-        if (l > 0) load_published(v, pub.x, D, flag_of(p, l - 1, PUB_X_OUT));
-        copy_vector_wait();
-        rmsnorm_in_place(v, norm, D, p.eps);
+        // 1. qkv = wqkv . rmsnorm(x) + bqkv, as (wqkv . (rms_att * x)) * inv_rms
+        if (l > 0) inv_rms = load_published_normed(v, pub.x, p.rms_att + (size_t)l * D, D, flag_of(p, l - 1, PUB_X_OUT), p.eps);
         const float* bias = p.bqkv ? p.bqkv + (size_t)l * (q_dim + 2 * p.n_kv_heads * HD) : nullptr;
         stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_QKV, v, [&](int row, float dot, float) {
-            publish(pub.qkv + row, dot + (bias ? bias[row] : 0.f), flag_of(p, l, PUB_QKV));
+            publish(pub.qkv + row, dot * inv_rms + (bias ? bias[row] : 0.f), flag_of(p, l, PUB_QKV));
         });
         // 2. att = attention(rope(qk_norm(q)), K, V), with rope(k_norm(k)) / k_scale and v stored at row pos
         __syncthreads();  // the work area becomes the attention's
@@ -611,14 +611,12 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
         // 3. x += wo . att
         load_published(v, pub.att, q_dim, flag_of(p, l, PUB_ATT));
         stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_O, v, add_to_x(l, PUB_X_MID));
-        // 4. h = silu(gate . rmsnorm(x)) * (up . rmsnorm(x))
-        copy_vector_async(norm, p.rms_ffn + (size_t)l * D, D);
+        // 4. h = silu(gate . rmsnorm(x)) * (up . rmsnorm(x)), the 1/rms applied to both dot products
         __syncthreads();  // every warp is done with att
-        load_published(v, pub.x, D, flag_of(p, l, PUB_X_MID));
-        copy_vector_wait();
-        rmsnorm_in_place(v, norm, D, p.eps);
+        inv_rms = load_published_normed(v, pub.x, p.rms_ffn + (size_t)l * D, D, flag_of(p, l, PUB_X_MID), p.eps);
         stream_matrix<W, true>(p, s, l * MATS_PER_LAYER + MAT_GATE_UP, v, [&](int i, float gate, float up) {
-            publish(pub.h + i, gate / (1.f + expf(-gate)) * up, flag_of(p, l, PUB_H));
+            gate *= inv_rms;
+            publish(pub.h + i, gate / (1.f + expf(-gate)) * (up * inv_rms), flag_of(p, l, PUB_H));
         });
         // 5. x += w_down . h
         __syncthreads();  // every warp is done with rmsnorm(x)
@@ -627,14 +625,12 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
         __syncthreads();  // every warp is done with h
     }
     // 6. logits = lm_head . rmsnorm(x), and their argmax (-1 if any logit is NaN or inf, as argmax_gpu)
-    copy_vector_async(norm, p.rms_final, D);
-    load_published(v, pub.x, D, flag_of(p, L - 1, PUB_X_OUT));
-    copy_vector_wait();
-    rmsnorm_in_place(v, norm, D, p.eps);
+    inv_rms = load_published_normed(v, pub.x, p.rms_final, D, flag_of(p, L - 1, PUB_X_OUT), p.eps);
     float best = -INFINITY;
     int best_index = INT_MAX;  // loses every tie with a real index
     bool nonfinite = false;
     stream_matrix<W, false>(p, s, L * MATS_PER_LAYER, v, [&](int row, float dot, float) {
+        dot *= inv_rms;
         p.logits[row] = dot;
         nonfinite |= !isfinite(dot);
         if (argmax_better(dot, row, best, best_index)) { best = dot; best_index = row; }
@@ -658,9 +654,9 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
 
 struct DecodeLaunch { int stage_bytes, blocks, work_floats; size_t smem; };
 
-// The stages for this shape: the shared memory left beside the work area, the norm weights and the
-// block's rows of x, split evenly over the warps' stages. A stage must hold GROUP_ROWS rows of a
-// 256-column stretch (else stage_bytes is 0: the shape does not fit).
+// The stages for this shape: the shared memory left beside the work area and the block's rows of x,
+// split evenly over the warps' stages. A stage must hold GROUP_ROWS rows of a 256-column stretch
+// (else stage_bytes is 0: the shape does not fit).
 template <typename W, typename KV, int HD, int G>
 static DecodeLaunch decode_launch(const DecodeStep* p) {
     auto kernel = decode_step_kernel<W, KV, HD, G>;
@@ -675,7 +671,7 @@ static DecodeLaunch decode_launch(const DecodeStep* p) {
                                   sizeof(AttentionShared<HD, G>)) + 15) / 16 * 16;
     DecodeLaunch c;
     c.blocks = std::min(sms, MAX_DECODE_BLOCKS);
-    const size_t rest = work + (size_t)p->dim * 4 + (size_t)(p->dim + c.blocks - 1) / c.blocks * 4;  // + norm, own rows of x
+    const size_t rest = work + (size_t)(p->dim + c.blocks - 1) / c.blocks * 4;  // + the own rows of x
     const long room = (long)optin - (long)attributes.sharedSizeBytes - (long)rest;
     c.work_floats = (int)(work / sizeof(float));
     c.stage_bytes = room > 0 ? (int)(room / (DECODE_WARPS * WARP_STAGES) / 128 * 128) : 0;

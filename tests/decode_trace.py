@@ -16,11 +16,11 @@ __shared__ long long tr_acc[NT], tr_last; __shared__ int tr_cnt[NT];
 __device__ __forceinline__ unsigned long long gtimer() { unsigned long long t; asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t)); return t; }
 '''
 marks = [
-  ("if (l > 0) load_published(v, pub.x, D, flag_of(p, l - 1, PUB_X_OUT));", 0, "after"),
+  ("if (l > 0) inv_rms = load_published_normed(v, pub.x, p.rms_att + (size_t)l * D, D, flag_of(p, l - 1, PUB_X_OUT), p.eps);", 0, "after"),
   ("        attention_phase<KV, HD, G>(p, pub, l, pos, att_sh, inv_freq);", 3, "after"),
   ("        load_published(v, pub.att, q_dim, flag_of(p, l, PUB_ATT));", 4, "after"),
   ("        stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_O, v, add_to_x(l, PUB_X_MID));", 5, "after"),
-  ("        load_published(v, pub.x, D, flag_of(p, l, PUB_X_MID));", 6, "after"),
+  ("        inv_rms = load_published_normed(v, pub.x, p.rms_ffn + (size_t)l * D, D, flag_of(p, l, PUB_X_MID), p.eps);", 6, "after"),
   ("        load_published(v, pub.h, p.hidden_dim, flag_of(p, l, PUB_H));", 9, "after"),
   ("        stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_DOWN, v, add_to_x(l, PUB_X_OUT));", 10, "after"),
   ("        __syncthreads();  // the queries and the block's own cache row are written", 12, "after"),
@@ -32,14 +32,12 @@ for pat, k, where in marks:
     assert pat in text, pat
     if where == "after": text = text.replace(pat, pat + f"\n        TMARK({k});", 1)
     else: text = text.replace(pat, f"        TMARK({k});\n" + pat, 1)
-# rmsnorm of step 1 (the first rmsnorm_in_place in the layer loop), qkv stream end, rmsnorm 2, gate_up end
-text = text.replace("        rmsnorm_in_place(v, norm, D, p.eps);\n        const float* bias", "        rmsnorm_in_place(v, norm, D, p.eps); TMARK(1);\n        const float* bias", 1)
-text = text.replace("            publish(pub.qkv + row, dot + (bias ? bias[row] : 0.f), flag_of(p, l, PUB_QKV));\n        });", "            publish(pub.qkv + row, dot + (bias ? bias[row] : 0.f), flag_of(p, l, PUB_QKV));\n        }); TMARK(2);", 1)
-text = text.replace("        rmsnorm_in_place(v, norm, D, p.eps);\n        stream_matrix<W, true>", "        rmsnorm_in_place(v, norm, D, p.eps); TMARK(7);\n        stream_matrix<W, true>", 1)
-text = text.replace("            publish(pub.h + i, gate / (1.f + expf(-gate)) * up, flag_of(p, l, PUB_H));\n        });", "            publish(pub.h + i, gate / (1.f + expf(-gate)) * up, flag_of(p, l, PUB_H));\n        }); TMARK(8);", 1)
+# qkv stream end, gate_up end (the RMSNorms are in the waits for x: marks 0 and 6)
+text = text.replace("            publish(pub.qkv + row, dot * inv_rms + (bias ? bias[row] : 0.f), flag_of(p, l, PUB_QKV));\n        });", "            publish(pub.qkv + row, dot * inv_rms + (bias ? bias[row] : 0.f), flag_of(p, l, PUB_QKV));\n        }); TMARK(2);", 1)
+text = text.replace("            publish(pub.h + i, gate / (1.f + expf(-gate)) * (up * inv_rms), flag_of(p, l, PUB_H));\n        });", "            publish(pub.h + i, gate / (1.f + expf(-gate)) * (up * inv_rms), flag_of(p, l, PUB_H));\n        }); TMARK(8);", 1)
 # attend_chunk end and merge end
 text = text.replace("k_cache, v_cache, kv_head, heads, chunk, len, n_chunks, p.n_kv_heads);", "k_cache, v_cache, kv_head, heads, chunk, len, n_chunks, p.n_kv_heads); TMARK(13);", 1)
-text = text.replace("heads.h0, heads.count, &sh.m_chunk[0][0], &sh.l_chunk[0][0], len, n_chunks, HD);\n    }", "heads.h0, heads.count, &sh.m_chunk[0][0], &sh.l_chunk[0][0], len, n_chunks, HD);\n        if (chunk == 0) TMARK(14);\n    }", 1)
+text = text.replace("heads.h0, heads.count, len, n_chunks, HD);\n    }", "heads.h0, heads.count, len, n_chunks, HD);\n        if (chunk == 0) TMARK(14);\n    }", 1)
 # init at layer loop start, and per-layer start mark: reset tr_last at kernel start
 text = text.replace("    for (int l = 0; l < L; l++) {\n        // 1. qkv", "    if (threadIdx.x == 0) { for (int k = 0; k < NT; k++) { tr_acc[k] = 0; tr_cnt[k] = 0; } tr_last = clock64(); }\n    const long long step_c0 = clock64(); const unsigned long long step_t0 = gtimer();\n    for (int l = 0; l < L; l++) {\n        // 1. qkv", 1)
 # flush before the final arrive
@@ -53,7 +51,7 @@ flush = r'''    if (threadIdx.x == 0) {
         if (threadIdx.x == 0 && p.epoch == 120) {
             const double ghz = (double)trace_cycles / trace_ns;
             printf("trace: %.3f GHz, layers+head %.1f us per step, blocks %d\n", ghz, trace_ns / 80.0 / 1000, gridDim.x);
-            const char* names[NT] = {"x arrives", "rmsnorm1", "qkv stream", "attention rest", "att arrives", "o stream", "x_mid arrives", "rmsnorm2", "gate_up stream", "h arrives", "down stream", "item: q ready", "item: k/v stored", "item: attend_chunk", "item: merge", "stream: advance+issue", "stream: stage wait", "stream: dot+epilogue", "-", "-"};
+            const char* names[NT] = {"x arrives + rmsnorm", "-", "qkv stream", "attention rest", "att arrives", "o stream", "x_mid arrives + norm", "-", "gate_up stream", "h arrives", "down stream", "item: q ready", "item: k/v stored", "item: attend_chunk", "item: merge", "stream: advance+issue", "stream: stage wait", "stream: dot+epilogue", "-", "-"};
             for (int k = 0; k < NT; k++) if (trace_cnt[k]) printf("trace %2d %-20s %8.2f us per hit, %6.1f hits per step\n", k, names[k], trace_sum[k] / (double)trace_cnt[k] / ghz / 1000, trace_cnt[k] / 80.0);
         }
         if (threadIdx.x == 0 && p.epoch == 40) { for (int k = 0; k < NT; k++) trace_sum[k] = trace_cnt[k] = 0; trace_ns = trace_cycles = 0; }'''
@@ -68,5 +66,5 @@ if os.environ.get("STREAMS"):
     b = "        __syncwarp();  // every lane is done with the stage"
     assert b in text
     text = text.replace(b, "        TMARK(17);\n" + b, 1)
-assert text.count("TMARK(") == 1 + 15 + (3 if os.environ.get("STREAMS") else 0), "a mark did not find its place"
+assert text.count("TMARK(") == 1 + 13 + (3 if os.environ.get("STREAMS") else 0), "a mark did not find its place"
 print(text)

@@ -6,7 +6,8 @@
 # every shape, the persistent kernel against the chain; `prefill-bench`: prefill and perplexity mode,
 # the TMA products against the simple ones). `ab` times decode of ./run against
 # .gpu/run-base, another build (e.g. of main) carried along, or the builds AB_AGAINST=A,B,... names
-# (AB_TRACE=A,B,...: builds of tests/decode_trace.py's copy of decode.cu, their traces too). Text
+# (AB_TRACE=A,B,...: builds of tests/decode_trace.py's copy of decode.cu, their traces too; AB_INT8=1:
+# the int8 shapes too). Text
 # and tokenizer come from data/ (tinyshakespeare and Qwen3's tokenizer files, xz), decompressed into
 # the work folder. Logs go to $OUT (or /tmp/gpu-out); the tables are printed last, then one line per
 # step. Under a time limit,
@@ -114,8 +115,8 @@ for s in $steps; do
     decode) step decode 'persistent / chain' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" decode ;;
     prefill-bench) step prefill-bench 'perplexity mode' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" prefill \
                        ${PREFILL_AGAINST:+--against "$PREFILL_AGAINST"} ;;
-    ab) step ab '^8B decode tok/s at context 128, \./run' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" \
-            --against "${AB_AGAINST:-.gpu/run-base}" ${AB_TRACE:+--trace "$AB_TRACE"} ;;
+    ab) step ab '^8B bf16 decode tok/s at context 128, \./run' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" \
+            --against "${AB_AGAINST:-.gpu/run-base}" ${AB_TRACE:+--trace "$AB_TRACE"} ${AB_INT8:+--int8} ;;
     *) echo "unknown step $s"; record "$s" 2 0 "unknown step" ;;
     esac
 done

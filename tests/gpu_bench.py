@@ -15,7 +15,8 @@ Prints one table last; writes WORKDIR/bench.json.
   Face transformers on the same weights.
 - --against BIN[,BIN...]: only decode of the 0.6B shape (contexts 128, 384, 1024, 4096) and the 8B shape
   (128), ./run against other builds, alternating; with --trace BIN[,BIN...], builds of decode_trace.py's
-  copy of decode.cu, each also run for 160 tokens at context 128 of the 0.6B shape, their trace printed.
+  copy of decode.cu, each also run for 160 tokens at context 128 of the 0.6B shape, their trace printed;
+  with --int8, also the 0.6B shape with int8 weights at context 128 (the persistent kernel, -a 1).
 - prefill: only prefill and perplexity mode on synthetic checkpoints (prefill_table), -a 1 against -a 0.
 
 Floor of a decode step: every weight byte the step reads once (all matrices, int8's scales included;
@@ -247,8 +248,10 @@ def main():
     rows.append(("device-to-device copy", f"{bw / 1e12:.2f} TB/s", "", ""))
 
     if against and not prefill_only:  # A/B: three alternating runs each, medians
-        for shape, contexts in (("0.6B", (128, 384, 1024, 4096)), ("8B", (128,))):
-            with synthetic_checkpoint(shape) as (checkpoint, read, kv_per_token):
+        runs = [("0.6B", 1, (128, 384, 1024, 4096)), ("8B", 1, (128,))]
+        runs += [("0.6B", 3, (128,))] if "--int8" in sys.argv else []
+        for shape, wdtype, contexts in runs:
+            with synthetic_checkpoint(shape, wdtype) as (checkpoint, read, kv_per_token):
                 for ctx in contexts:
                     floor = bw / (read + kv_per_token * (ctx + 64))
                     times = {b: [] for b in ["./run"] + against}
@@ -257,9 +260,10 @@ def main():
                             times[b].append(decode_tps(b, checkpoint, prompt_of(ctx))[0])
                     for b, t in times.items():
                         tps = sorted(t)[1]
-                        rows.append((f"{shape} decode tok/s at context {ctx}, {b}", f"{tps:.0f} ({', '.join(f'{x:.0f}' for x in t)})",
+                        rows.append((f"{shape} {WNAME[wdtype]} decode tok/s at context {ctx}, {b}", f"{tps:.0f} ({', '.join(f'{x:.0f}' for x in t)})",
                                      f"floor {floor:.0f}", f"{tps / floor:.0%}"))
-                for b in traced if shape == "0.6B" else ():
+                        print(" | ".join(rows[-1]), flush=True)  # as it comes, should a time limit stop the run
+                for b in traced if (shape, wdtype) == ("0.6B", 1) else ():
                     out, _ = run([b, checkpoint, "-i", prompt_of(128), "-t", "0", "-n", "160", "-c", "8192"])
                     print("\n".join(f"{b}: {line}" for line in out.splitlines() if line.startswith("trace")))
         return print_table(gpu)
