@@ -7,8 +7,8 @@
 // captured in a CUDA graph): the chunks that start past pos are idle. One work item = one chunk of
 // one KV head for the query heads of one subgroup of its group (up to G heads): it reads its rows
 // once for every served head (GQA), with an online softmax in fp32, and writes per query head the
-// partial (running max m, sum l, unnormalised output acc[hd]) to scratch. merge_heads then rescales
-// a head's partials to their common max, sums and normalises them.
+// partial (running max m, sum l, unnormalised output acc[hd]) to scratch. merge_heads then sums
+// a head's partials, each rescaled to the running max, and normalises them.
 #pragma once
 #include "common.cuh"
 
