@@ -277,7 +277,9 @@ __device__ __forceinline__ void warp_dot_rows(float sums[NROWS], const W* const 
                                               int cols, bool vec, int active = NROWS,
                                               const __half* const* scales = nullptr) {
     constexpr int E = 8, STRETCH = 32 * E;  // elements per lane per pack, per warp per pack
-    constexpr int UNROLL = 64 / (E * sizeof(W)) < 2 ? 2 : 64 / (E * sizeof(W));  // 64 bytes in flight (fp32 2 x 32)
+    // 64 bytes in flight from global memory (fp32 2 x 32); from shared memory, ~30 cycles away, 2 stretches
+    // (a 12-warp block has 168 registers a thread: 4 would spill)
+    constexpr int UNROLL = VIA == VIA_PLAIN ? 2 : 64 / (E * sizeof(W)) < 2 ? 2 : 64 / (E * sizeof(W));
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int r = 0; r < NROWS; r++) sums[r] = 0.f;

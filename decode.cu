@@ -35,12 +35,16 @@
 #include <algorithm>
 #include "attention.cuh"
 
-constexpr int DECODE_THREADS = 256;
-constexpr int DECODE_WARPS = DECODE_THREADS / 32;
+// A block: 12 warps of 2 stages each where the registers allow it (G <= 2: 168 a thread, no spills),
+// else 8 warps of 3 (255 a thread; at 12 warps G = 4 spills a few bytes and G = 8 about 1 KB). The
+// dot products of a stage are bound by the latency of one warp's instruction stream, which more warps
+// per scheduler hide: 12 x 2 is 1.04-1.12x 8 x 3 at the 0.6B shape (H100; RESULTS.md, "Five decode
+// experiments"), whose stages are as large (9 KB: 24 a block either way).
+template <int G> constexpr int DECODE_WARPS = G <= 2 ? 12 : 8;
+template <int G> constexpr int WARP_STAGES = G <= 2 ? 2 : 3;  // shared-memory stages of a warp's weight stream
 // The thread that counts the blocks done (the argmax): not a lane 0, which issue the weight copies,
 // as a fence may wait for the thread's memory operations in flight.
 constexpr int SIGNAL_THREAD = 1;
-constexpr int WARP_STAGES = 3;               // shared-memory stages of each warp's weight stream
 constexpr int GROUP_ROWS = 4;                // rows whose dot products a warp computes at once (x read once)
 constexpr int MAX_DECODE_BLOCKS = 1024;
 
@@ -165,7 +169,8 @@ __device__ __forceinline__ Span block_span(int count) {
 __device__ __forceinline__ Span warp_span(int count) {
     const Span b = block_span(count);
     const unsigned n = b.end - b.begin, w = threadIdx.x / 32;
-    return {b.begin + (int)(n * w / DECODE_WARPS), b.begin + (int)(n * (w + 1) / DECODE_WARPS)};
+    const unsigned warps = blockDim.x / 32;
+    return {b.begin + (int)(n * w / warps), b.begin + (int)(n * (w + 1) / warps)};
 }
 
 // A piece of a warp's weight stream, one stage: `n` units from `unit` (GROUP_ROWS rows at most: 4
@@ -271,12 +276,13 @@ __device__ __forceinline__ void piece_runs(const DecodeStep& p, const Piece& pie
         }
 }
 
-// A warp's weight stream: WARP_STAGES stages of shared memory, each with an mbarrier that completes
-// a phase when the stage's bytes land. Piece k goes to stage k % WARP_STAGES; lane 0 issues it as
-// soon as the warp is done with piece k - WARP_STAGES.
+// A warp's weight stream: STAGES stages of shared memory, each with an mbarrier that completes a
+// phase when the stage's bytes land. Piece k goes to stage k % STAGES; lane 0 issues it as soon as
+// the warp is done with piece k - STAGES.
+template <int STAGES>
 struct WarpStream {
-    char* stages;     // WARP_STAGES x stage_bytes
-    uint64_t* full;   // (WARP_STAGES)
+    char* stages;     // STAGES x stage_bytes
+    uint64_t* full;   // (STAGES)
     int stage_bytes;
     const StreamPlan* plan;  // shared memory
     Cursor issue_at;  // the next piece to issue...
@@ -288,11 +294,11 @@ struct WarpStream {
     uint64_t policy;
 };
 
-template <typename W>
-__device__ void issue_next(const DecodeStep& p, WarpStream& s) {
+template <typename W, int STAGES>
+__device__ void issue_next(const DecodeStep& p, WarpStream<STAGES>& s) {
     Piece piece;
     if (!next_piece<W>(p, *s.plan, s.issue_at, piece)) return;
-    const int slot = s.issued++ % WARP_STAGES;
+    const int slot = s.issued++ % STAGES;
     if (threadIdx.x % 32 == 0) {
         const uint32_t bar = smem_addr(&s.full[slot]);  // bulk_copy takes its shared address
         char* dst = s.stages + (size_t)slot * s.stage_bytes;
@@ -309,15 +315,15 @@ __device__ void issue_next(const DecodeStep& p, WarpStream& s) {
 // issued them: the dot products of each group of units with v (the matrix's input vector, shared
 // memory), then epilogue(unit, dot, up_dot) on lane 0 for each unit (up_dot: the up row's, pairs
 // only). Each stage is refilled as soon as the warp is done with it. No other warp is waited for.
-template <typename W, bool PAIRED, typename Epilogue>
-__device__ void stream_matrix(const DecodeStep& p, WarpStream& s, int matrix, const float* v, Epilogue epilogue) {
+template <typename W, bool PAIRED, int STAGES, typename Epilogue>
+__device__ void stream_matrix(const DecodeStep& p, WarpStream<STAGES>& s, int matrix, const float* v, Epilogue epilogue) {
     constexpr int ROWS = PAIRED ? 2 : 1;
     const Units<W> u = matrix_units<W>(p, matrix);
     float acc[GROUP_ROWS] = {};
     while (s.more && s.next.matrix == matrix) {
         const Piece piece = s.next;
-        const int slot = s.consumed % WARP_STAGES;
-        mbar_wait(&s.full[slot], (s.consumed / WARP_STAGES) & 1);
+        const int slot = s.consumed % STAGES;
+        mbar_wait(&s.full[slot], (s.consumed / STAGES) & 1);
         const W* stage = (const W*)(s.stages + (size_t)slot * s.stage_bytes);
         const char* scale_slots = (const char*)(stage + (size_t)piece.n * ROWS * piece.len);  // int8
         const W* rows[GROUP_ROWS];
@@ -409,7 +415,7 @@ __device__ __forceinline__ float load_published_normed(float* v, const uint64_t*
 // ---- attention ----------------------------------------------------------------------------------
 
 template <int HD, int G> struct AttentionShared {
-    AttendShared<HD, G, DECODE_WARPS> attend;
+    AttendShared<HD, G, DECODE_WARPS<G>> attend;
     float k_row[HD];  // the new key, normalised and rotated
 };
 
@@ -421,7 +427,7 @@ struct AttentionItems { int n_sub, per_chunk, n_chunks, chunk_rows, n_active; };
 template <int HD, int G>
 __device__ __forceinline__ AttentionItems attention_items(const DecodeStep& p, int len) {
     const int group = p.n_heads / p.n_kv_heads, n_sub = (group + G - 1) / G, per_chunk = p.n_kv_heads * n_sub;
-    constexpr int PASS_ROWS = DECODE_WARPS * AttendLoads<HD, G>::RPW * AttendLoads<HD, G>::U;
+    constexpr int PASS_ROWS = DECODE_WARPS<G> * AttendLoads<HD, G>::RPW * AttendLoads<HD, G>::U;
     const int n_chunks = max(1, min(min(attention_n_chunks(p.seq_len), (int)gridDim.x / per_chunk), (len + PASS_ROWS - 1) / PASS_ROWS));
     const int chunk_rows = attention_chunk_rows(len, n_chunks);
     return {n_sub, per_chunk, n_chunks, chunk_rows, (len + chunk_rows - 1) / chunk_rows};
@@ -476,7 +482,7 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
         const ServedHeads heads = served_heads<G>(kv_head, item % n_sub, p.n_heads, p.n_kv_heads);
         // the served queries: q_norm, RoPE, times the softmax scale (a warp per head)
         constexpr int PER_LANE = (HD + 31) / 32;
-        for (int g = warp; g < heads.count; g += DECODE_WARPS) {
+        for (int g = warp; g < heads.count; g += DECODE_WARPS<G>) {
             float* qg = sh.attend.q[g];
             const uint64_t* qh = q + (size_t)(heads.h0 + g) * HD + lane;
             uint64_t words[PER_LANE];
@@ -492,7 +498,7 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
             for (int i = lane; i < HD; i += 32) qg[i] *= scale;
         }
         // the chunk holding row pos: k_norm and RoPE of the new key; k / k_scale and v stored there
-        if (chunk == n_active - 1 && warp == DECODE_WARPS - 1) {
+        if (chunk == n_active - 1 && warp == DECODE_WARPS<G> - 1) {
             const size_t row = ((size_t)pos * p.n_kv_heads + kv_head) * HD;
             const uint64_t *kh = k + (size_t)kv_head * HD + lane, *vh = v + (size_t)kv_head * HD + lane;
             uint64_t k_words[PER_LANE], v_words[PER_LANE];
@@ -512,7 +518,7 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
             norm_rope_head<KV>(sh.k_row, k_norm, HD, pos, p.theta, p.eps, k_cache + row, k_scale, inv_freq);
         }
         __syncthreads();  // the queries and the block's own cache row are written
-        attend_chunk<KV, HD, G, DECODE_WARPS>(sh.attend, [&](int h, int d, float m, float l_sum, float acc) {
+        attend_chunk<KV, HD, G, DECODE_WARPS<G>>(sh.attend, [&](int h, int d, float m, float l_sum, float acc) {
             uint64_t* partial = pub.partials + partial_at(h, chunk, n_chunks, HD);
             if (d == 0) { publish(partial, m, partials_flag); publish(partial + 1, l_sum, partials_flag); }
             publish(partial + 2 + d, acc, partials_flag);
@@ -532,12 +538,13 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
 // phase, max(dim, q_dim, hidden_dim) floats, or in phase 2 the attention state), then the block's
 // rows of x (ceil(dim / blocks) floats).
 template <typename W, typename KV, int HD, int G>
-__global__ void __launch_bounds__(DECODE_THREADS, 1)
+__global__ void __launch_bounds__(DECODE_WARPS<G> * 32, 1)
 decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result, int stage_bytes, int work_floats) {
     extern __shared__ __align__(128) char smem[];
-    __shared__ __align__(8) uint64_t full[DECODE_WARPS][WARP_STAGES];
+    constexpr int WARPS = DECODE_WARPS<G>, STAGES = WARP_STAGES<G>;
+    __shared__ __align__(8) uint64_t full[WARPS][STAGES];
     __shared__ float inv_freq[HD / 2];  // RoPE's, once per step rather than once per attention item
-    __shared__ StreamPlan plans[DECODE_WARPS];
+    __shared__ StreamPlan plans[WARPS];
     const int D = p.dim, q_dim = p.n_heads * HD, L = p.n_layers, warp = threadIdx.x / 32;
     // the token and its position: the host's, or the step before's argmax and position + 1 (greedy)
     const int token = host_token >= 0 ? host_token : p.io[0], pos = host_token >= 0 ? host_pos : p.io[1];
@@ -545,15 +552,15 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
         if (blockIdx.x == 0 && threadIdx.x == 0) p.io[0] = p.io[2] = *result = -1;
         return;
     }
-    WarpStream s;
-    s.stages = smem + (size_t)warp * WARP_STAGES * stage_bytes;
+    WarpStream<STAGES> s;
+    s.stages = smem + (size_t)warp * STAGES * stage_bytes;
     s.full = full[warp];
     s.stage_bytes = stage_bytes;
     s.plan = &plans[warp];
     s.issue_at = s.consume_at = {-1, 0, 0, 0};
     s.issued = s.consumed = 0;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(s.policy));
-    float* v = reinterpret_cast<float*>(smem + (size_t)DECODE_WARPS * WARP_STAGES * stage_bytes);
+    float* v = reinterpret_cast<float*>(smem + (size_t)WARPS * STAGES * stage_bytes);
     const Span own = block_span(D);
     float* x_own = v + work_floats;  // (own.end - own.begin) the block's rows of the residual stream
     Published pub;
@@ -561,13 +568,13 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     AttentionShared<HD, G>& att_sh = *reinterpret_cast<AttentionShared<HD, G>*>(v);
     if (threadIdx.x % 32 == 0) {
         plans[warp] = stream_plan<W>(p, stage_bytes);
-        for (int i = 0; i < WARP_STAGES; i++) mbar_init(&s.full[i], 1);
+        for (int i = 0; i < STAGES; i++) mbar_init(&s.full[i], 1);
         mbar_init_fence();
     }
     for (int i = threadIdx.x; i < HD / 2; i += blockDim.x) inv_freq[i] = rope_inv_freq(i, HD, p.theta);
     __syncthreads();
     s.more = next_piece<W>(p, *s.plan, s.consume_at, s.next);
-    for (int i = 0; i < WARP_STAGES; i++) issue_next<W>(p, s);  // the weights stream in from here on
+    for (int i = 0; i < STAGES; i++) issue_next<W>(p, s);  // the weights stream in from here on
     prefetch_item_rows<KV, HD, G>(p, 0, pos);  // layer 0's attention rows (later layers': phase 2)
 
     // 0. x = embedding[token]: every block keeps rms_att[0] * x (layer 0's rmsnorm needs all of it) and
@@ -674,9 +681,10 @@ static DecodeLaunch decode_launch(const DecodeStep* p) {
     const size_t rest = work + (size_t)(p->dim + c.blocks - 1) / c.blocks * 4;  // + the own rows of x
     const long room = (long)optin - (long)attributes.sharedSizeBytes - (long)rest;
     c.work_floats = (int)(work / sizeof(float));
-    c.stage_bytes = room > 0 ? (int)(room / (DECODE_WARPS * WARP_STAGES) / 128 * 128) : 0;
+    constexpr int STAGES = DECODE_WARPS<G> * WARP_STAGES<G>;  // a block's
+    c.stage_bytes = room > 0 ? (int)(room / STAGES / 128 * 128) : 0;
     if (c.stage_bytes < GROUP_ROWS * (256 * (int)sizeof(W) + (is_int8<W> ? scale_slot(256) : 0))) c.stage_bytes = 0;
-    c.smem = (size_t)DECODE_WARPS * WARP_STAGES * c.stage_bytes + rest;
+    c.smem = (size_t)STAGES * c.stage_bytes + rest;
     return c;
 }
 
@@ -690,7 +698,7 @@ static int launch_decode(const DecodeStep* p, bool launch, int token, int pos, i
         if (c.stage_bytes > 0) {
             CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)c.smem));
             int per_sm = 0;
-            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, DECODE_THREADS, c.smem));
+            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, DECODE_WARPS<G> * 32, c.smem));
             if (per_sm < 1) c.stage_bytes = 0;
         }
         configured = true;
@@ -700,7 +708,7 @@ static int launch_decode(const DecodeStep* p, bool launch, int token, int pos, i
     cudaLaunchAttribute attribute;
     attribute.id = cudaLaunchAttributeCooperative;
     attribute.val.cooperative = 1;
-    cudaLaunchConfig_t config = {dim3(c.blocks), dim3(DECODE_THREADS), c.smem, stream, &attribute, 1};
+    cudaLaunchConfig_t config = {dim3(c.blocks), dim3(DECODE_WARPS<G> * 32), c.smem, stream, &attribute, 1};
     CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, *p, token, pos, result, c.stage_bytes, c.work_floats));
     return c.stage_bytes;
 }

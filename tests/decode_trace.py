@@ -60,7 +60,7 @@ assert old in text
 text = text.replace(old, flush, 1)
 import os
 if os.environ.get("STREAMS"):
-    a = "        mbar_wait(&s.full[slot], (s.consumed / WARP_STAGES) & 1);"
+    a = "        mbar_wait(&s.full[slot], (s.consumed / STAGES) & 1);"
     assert a in text
     text = text.replace(a, "        TMARK(15);\n" + a + " TMARK(16);", 1)
     b = "        __syncwarp();  // every lane is done with the stage"
