@@ -38,8 +38,8 @@
 // A block: 12 warps of 2 stages each where the registers allow it (G <= 2: 168 a thread, no spills),
 // else 8 warps of 3 (255 a thread; at 12 warps G = 4 spills a few bytes and G = 8 about 1 KB). The
 // dot products of a stage are bound by the latency of one warp's instruction stream, which more warps
-// per scheduler hide: 12 x 2 is 1.04-1.12x 8 x 3 at the 0.6B shape (H100; RESULTS.md, "Five decode
-// experiments"), whose stages are as large (9 KB: 24 a block either way).
+// per scheduler hide: at the 0.6B shape 12 x 2 is 1.01-1.12x 8 x 3 with bf16 weights and 1.25x with
+// int8 (H100; RESULTS.md, "Five decode experiments"), the stages as large (9 KB: 24 a block either way).
 template <int G> constexpr int DECODE_WARPS = G <= 2 ? 12 : 8;
 template <int G> constexpr int WARP_STAGES = G <= 2 ? 2 : 3;  // shared-memory stages of a warp's weight stream
 // The thread that counts the blocks done (the argmax): not a lane 0, which issue the weight copies,
