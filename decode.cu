@@ -42,6 +42,7 @@
 // int8 (H100; RESULTS.md, "Five decode experiments"), the stages as large (9 KB: 24 a block either way).
 template <int G> constexpr int DECODE_WARPS = G <= 2 ? 12 : 8;
 template <int G> constexpr int WARP_STAGES = G <= 2 ? 2 : 3;  // shared-memory stages of a warp's weight stream
+template <int G> constexpr int DECODE_THREADS = DECODE_WARPS<G> * 32;
 // The thread that counts the blocks done (the argmax): not a lane 0, which issue the weight copies,
 // as a fence may wait for the thread's memory operations in flight.
 constexpr int SIGNAL_THREAD = 1;
@@ -538,7 +539,7 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
 // phase, max(dim, q_dim, hidden_dim) floats, or in phase 2 the attention state), then the block's
 // rows of x (ceil(dim / blocks) floats).
 template <typename W, typename KV, int HD, int G>
-__global__ void __launch_bounds__(DECODE_WARPS<G> * 32, 1)
+__global__ void __launch_bounds__(DECODE_THREADS<G>, 1)
 decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result, int stage_bytes, int work_floats) {
     extern __shared__ __align__(128) char smem[];
     constexpr int WARPS = DECODE_WARPS<G>, STAGES = WARP_STAGES<G>;
@@ -681,10 +682,10 @@ static DecodeLaunch decode_launch(const DecodeStep* p) {
     const size_t rest = work + (size_t)(p->dim + c.blocks - 1) / c.blocks * 4;  // + the own rows of x
     const long room = (long)optin - (long)attributes.sharedSizeBytes - (long)rest;
     c.work_floats = (int)(work / sizeof(float));
-    constexpr int STAGES = DECODE_WARPS<G> * WARP_STAGES<G>;  // a block's
-    c.stage_bytes = room > 0 ? (int)(room / STAGES / 128 * 128) : 0;
+    constexpr int BLOCK_STAGES = DECODE_WARPS<G> * WARP_STAGES<G>;
+    c.stage_bytes = room > 0 ? (int)(room / BLOCK_STAGES / 128 * 128) : 0;
     if (c.stage_bytes < GROUP_ROWS * (256 * (int)sizeof(W) + (is_int8<W> ? scale_slot(256) : 0))) c.stage_bytes = 0;
-    c.smem = (size_t)STAGES * c.stage_bytes + rest;
+    c.smem = (size_t)BLOCK_STAGES * c.stage_bytes + rest;
     return c;
 }
 
@@ -698,7 +699,7 @@ static int launch_decode(const DecodeStep* p, bool launch, int token, int pos, i
         if (c.stage_bytes > 0) {
             CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)c.smem));
             int per_sm = 0;
-            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, DECODE_WARPS<G> * 32, c.smem));
+            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, DECODE_THREADS<G>, c.smem));
             if (per_sm < 1) c.stage_bytes = 0;
         }
         configured = true;
@@ -708,7 +709,7 @@ static int launch_decode(const DecodeStep* p, bool launch, int token, int pos, i
     cudaLaunchAttribute attribute;
     attribute.id = cudaLaunchAttributeCooperative;
     attribute.val.cooperative = 1;
-    cudaLaunchConfig_t config = {dim3(c.blocks), dim3(DECODE_WARPS<G> * 32), c.smem, stream, &attribute, 1};
+    cudaLaunchConfig_t config = {dim3(c.blocks), dim3(DECODE_THREADS<G>), c.smem, stream, &attribute, 1};
     CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, *p, token, pos, result, c.stage_bytes, c.work_floats));
     return c.stage_bytes;
 }
