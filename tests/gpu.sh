@@ -7,7 +7,7 @@
 # the TMA products against the simple ones). `ab` times decode of ./run against
 # .gpu/run-base, another build (e.g. of main) carried along, or the builds AB_AGAINST=A,B,... names
 # (AB_TRACE=A,B,...: builds of tests/decode_trace.py's copy of decode.cu, their traces too; AB_INT8=1:
-# the 0.6B shape's int8 weights too). Text and tokenizer come from data/ (tinyshakespeare and Qwen3's
+# the 0.6B shape's int8 weights too; AB_CASES=0.6B/bf16,8B/int8,...: those cases instead). Text and tokenizer come from data/ (tinyshakespeare and Qwen3's
 # tokenizer files, xz), decompressed into the work folder. Logs go to $OUT (or /tmp/gpu-out); the
 # tables are printed last, then one line per step. Under a time limit,
 # `timeout -s INT SECONDS bash tests/gpu.sh ...` still prints them for the steps that ran.
@@ -115,7 +115,7 @@ for s in $steps; do
     prefill-bench) step prefill-bench 'perplexity mode' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" prefill \
                        ${PREFILL_AGAINST:+--against "$PREFILL_AGAINST"} ;;
     ab) step ab '^8B bf16 decode tok/s at context 128, \./run' python3 tests/gpu_bench.py "$WORK" "$text" "$tokenizer" \
-            --against "${AB_AGAINST:-.gpu/run-base}" ${AB_TRACE:+--trace "$AB_TRACE"} ${AB_INT8:+--int8} ;;
+            --against "${AB_AGAINST:-.gpu/run-base}" ${AB_TRACE:+--trace "$AB_TRACE"} ${AB_INT8:+--int8} ${AB_CASES:+--cases "$AB_CASES"} ;;
     *) echo "unknown step $s"; record "$s" 2 0 "unknown step" ;;
     esac
 done

@@ -16,7 +16,8 @@ Prints one table last; writes WORKDIR/bench.json.
 - --against BIN[,BIN...]: only decode of the 0.6B shape (contexts 128, 384, 1024, 4096) and the 8B shape
   (128), ./run against other builds, alternating; with --trace BIN[,BIN...], builds of decode_trace.py's
   copy of decode.cu, each also run for 160 tokens at context 128 of the 0.6B shape, their trace printed;
-  with --int8, also the 0.6B shape with int8 weights at context 128 (the persistent kernel, -a 1).
+  with --int8, also the 0.6B shape with int8 weights at context 128 (the persistent kernel, -a 1);
+  --cases picks the cases (shape/weights) instead: 0.6B/bf16, 8B/bf16, 0.6B/int8, 8B/int8.
 - prefill: only prefill and perplexity mode on synthetic checkpoints (prefill_table), -a 1 against -a 0.
 
 Floor of a decode step: every weight byte the step reads once (all matrices, int8's scales included;
@@ -43,6 +44,13 @@ work, text_file, tok_dir = sys.argv[1:4]
 # --against BIN[,BIN...]: only decode, ./run against other builds, alternating, in this one run
 against = sys.argv[sys.argv.index("--against") + 1].split(",") if "--against" in sys.argv else []
 traced = sys.argv[sys.argv.index("--trace") + 1].split(",") if "--trace" in sys.argv else []
+# --against's cases (shape/weights), by default 0.6B/bf16 and 8B/bf16 (--int8: and 0.6B/int8), or --cases A,B,...
+AB_CASES = {"0.6B/bf16": ("0.6B", 1, (128, 384, 1024, 4096)), "8B/bf16": ("8B", 1, (128,)),
+            "0.6B/int8": ("0.6B", 3, (128,)), "8B/int8": ("8B", 3, (128,))}
+ab_cases = (sys.argv[sys.argv.index("--cases") + 1].split(",") if "--cases" in sys.argv
+            else ["0.6B/bf16", "8B/bf16"] + (["0.6B/int8"] if "--int8" in sys.argv else []))
+if not set(ab_cases) <= set(AB_CASES):
+    sys.exit(f"error: --cases: each of {', '.join(AB_CASES)}")
 decode_only = "decode" in sys.argv[4:]
 prefill_only = "prefill" in sys.argv[4:]
 torch.set_grad_enabled(False)
@@ -248,9 +256,7 @@ def main():
     rows.append(("device-to-device copy", f"{bw / 1e12:.2f} TB/s", "", ""))
 
     if against and not prefill_only:  # A/B: three alternating runs each, medians
-        runs = [("0.6B", 1, (128, 384, 1024, 4096)), ("8B", 1, (128,))]
-        runs += [("0.6B", 3, (128,))] if "--int8" in sys.argv else []
-        for shape, wdtype, contexts in runs:
+        for shape, wdtype, contexts in (AB_CASES[case] for case in ab_cases):
             with synthetic_checkpoint(shape, wdtype) as (checkpoint, read, kv_per_token):
                 for ctx in contexts:
                     floor = bw / (read + kv_per_token * (ctx + 64))
