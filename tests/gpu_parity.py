@@ -1,7 +1,7 @@
 """GPU parity: ./run against Hugging Face transformers (float32), and against ./runcpu.
 
 Runs on the GPU machine (torch + transformers), from the repo root, after `make run runcpu`:
-    python3 tests/gpu_parity.py WORKDIR TEXT_FILE TOKENIZER_DIR
+    python3 tests/gpu_parity.py WORKDIR TEXT_FILE TOKENIZER_DIR     (PARITY_ONLY=demo,stress,...: those parts)
 TEXT_FILE is tinyshakespeare.txt and TOKENIZER_DIR holds Qwen3's tokenizer.json and
 tokenizer_config.json (tests/gpu.sh decompresses both from data/). Prints one table; exits non-zero
 on any failure. A part that raises (a crash of ./run, say) is a failed row, and the others still run.
@@ -820,7 +820,11 @@ def demo_int8(ref, ref_logits, val, val_path, hf_ppl):
 # ---- the table ------------------------------------------------------------------------------------
 
 def guarded(model, part, fn):
-    """Runs one part; an exception becomes a failed row (with its last line), and the rest goes on."""
+    """Runs one part; an exception becomes a failed row (with its last line), and the rest goes on.
+    PARITY_ONLY=a,b,... (fixtures, demo, model names) runs only those of the top-level parts."""
+    only = os.environ.get("PARITY_ONLY")
+    if only and part == "all" and model not in only.split(","):
+        return
     start = time.time()
     try:
         fn()
