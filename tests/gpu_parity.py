@@ -820,11 +820,7 @@ def demo_int8(ref, ref_logits, val, val_path, hf_ppl):
 # ---- the table ------------------------------------------------------------------------------------
 
 def guarded(model, part, fn):
-    """Runs one part; an exception becomes a failed row (with its last line), and the rest goes on.
-    PARITY_ONLY=a,b,... (fixtures, demo, model names) runs only those of the top-level parts."""
-    only = os.environ.get("PARITY_ONLY")
-    if only and part == "all" and model not in only.split(","):
-        return
+    """Runs one part; an exception becomes a failed row (with its last line), and the rest goes on."""
     start = time.time()
     try:
         fn()
@@ -847,18 +843,25 @@ def print_table():
 def main():
     global work
     work, text_file, tok_dir = sys.argv[1:4]
+    parts = ["fixtures", "demo", *MODELS]  # PARITY_ONLY=a,b,...: only those
+    only = os.environ["PARITY_ONLY"].split(",") if os.environ.get("PARITY_ONLY") else parts
+    if not set(only) <= set(parts):
+        sys.exit(f"error: PARITY_ONLY: each of {', '.join(parts)}")
     os.makedirs(work, exist_ok=True)
     text = open(text_file, encoding="utf-8").read()
     tok = AutoTokenizer.from_pretrained(tok_dir)
     try:
-        guarded("fixtures", "all", lambda: fixtures(tok, text))
-        guarded("demo", "all", lambda: demo(text))
+        if "fixtures" in only:
+            guarded("fixtures", "all", lambda: fixtures(tok, text))
+        if "demo" in only:
+            guarded("demo", "all", lambda: demo(text))
         text_ids = tok.encode(text[:40000])  # ~10k tokens: N_POS, the prompt at 1000, and N_LONG
         ids, prompt, long_ids = text_ids[:N_POS], text_ids[1000:1000 + N_PROMPT], text_ids[:N_LONG]
         text_path = os.path.join(work, "text.txt")  # for ppl mode: the text of ids and a little more
         open(text_path, "w", encoding="utf-8").write(text[:2000])
-        for seed, name in enumerate(MODELS, start=10):
-            guarded(name, "all", lambda: random_model(name, seed, ids, prompt, text_path, tok, long_ids))
+        for seed, name in enumerate(MODELS, start=10):  # a model's seed does not depend on PARITY_ONLY
+            if name in only:
+                guarded(name, "all", lambda: random_model(name, seed, ids, prompt, text_path, tok, long_ids))
     except KeyboardInterrupt:  # a time limit (gpu.sh under timeout -s INT): the table of what ran
         add_row("parity", "interrupted", "-", "-", "-", False)
     print_table()
