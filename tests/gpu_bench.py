@@ -15,7 +15,7 @@ Prints one table last; writes WORKDIR/bench.json.
   Face transformers on the same weights.
 - --against BIN[,BIN...]: only decode of the 0.6B shape (contexts 128, 384, 1024, 4096) and the 8B shape
   (128), ./run against other builds, alternating; with --trace BIN[,BIN...], builds of decode_trace.py's
-  copy of decode.cu, each also run for 160 tokens at context 128 of the 0.6B shape, their trace printed;
+  copy of decode.cu, each also run for 160 tokens at context 128 of every case's shape, their trace printed;
   with --int8, also the 0.6B shape with int8 weights at context 128 (the persistent kernel, -a 1);
   --cases picks the cases (shape/weights) instead: 0.6B/bf16, 8B/bf16, 0.6B/int8, 8B/int8.
 - prefill: only prefill and perplexity mode on synthetic checkpoints (prefill_table), -a 1 against -a 0.
@@ -269,9 +269,9 @@ def main():
                         rows.append((f"{shape} {WNAME[wdtype]} decode tok/s at context {ctx}, {b}", f"{tps:.0f} ({', '.join(f'{x:.0f}' for x in t)})",
                                      f"floor {floor:.0f}", f"{tps / floor:.0%}"))
                         print(" | ".join(rows[-1]), flush=True)  # as it comes, should a time limit stop the run
-                for b in traced if (shape, wdtype) == ("0.6B", 1) else ():
+                for b in traced:
                     out, _ = run([b, checkpoint, "-i", prompt_of(128), "-t", "0", "-n", "160", "-c", "8192"])
-                    print("\n".join(f"{b}: {line}" for line in out.splitlines() if line.startswith("trace")))
+                    print("\n".join(f"{b} ({shape} {WNAME[wdtype]}): {line}" for line in out.splitlines() if line.startswith("trace")))
         return print_table(gpu)
 
     if prefill_only:
