@@ -418,8 +418,8 @@ __device__ __forceinline__ float load_published_normed(float* v, const uint64_t*
 
 // ---- attention ----------------------------------------------------------------------------------
 
-template <typename W, int HD, int G> struct AttentionShared {
-    AttendShared<HD, G, DECODE_WARPS<W, G>> attend;
+template <int HD, int G, int WARPS> struct AttentionShared {
+    AttendShared<HD, G, WARPS> attend;
     float k_row[HD];  // the new key, normalised and rotated
 };
 
@@ -428,10 +428,10 @@ template <typename W, int HD, int G> struct AttentionShared {
 // least one pass of the block's loads long (a longer chunk costs a round trip to L2 per pass, another
 // chunk a merge of its partials).
 struct AttentionItems { int n_sub, per_chunk, n_chunks, chunk_rows, n_active; };
-template <typename W, int HD, int G>
+template <int HD, int G, int WARPS>
 __device__ __forceinline__ AttentionItems attention_items(const DecodeStep& p, int len) {
     const int group = p.n_heads / p.n_kv_heads, n_sub = (group + G - 1) / G, per_chunk = p.n_kv_heads * n_sub;
-    constexpr int PASS_ROWS = DECODE_WARPS<W, G> * AttendLoads<HD, G>::RPW * AttendLoads<HD, G>::U;
+    constexpr int PASS_ROWS = WARPS * AttendLoads<HD, G>::RPW * AttendLoads<HD, G>::U;
     const int n_chunks = max(1, min(min(attention_n_chunks(p.seq_len), (int)gridDim.x / per_chunk), (len + PASS_ROWS - 1) / PASS_ROWS));
     const int chunk_rows = attention_chunk_rows(len, n_chunks);
     return {n_sub, per_chunk, n_chunks, chunk_rows, (len + chunk_rows - 1) / chunk_rows};
@@ -442,9 +442,9 @@ __device__ __forceinline__ AttentionItems attention_items(const DecodeStep& p, i
 // DRAM's queues. The first PREFETCH_ROWS rows of the chunk: at long contexts the later passes
 // overlap, and more would push the other layers' rows out of L2 (256 rows measured slower at 4096).
 constexpr int PREFETCH_ROWS = 128;
-template <typename W, typename KV, int HD, int G>
+template <typename KV, int HD, int G, int WARPS>
 __device__ void prefetch_item_rows(const DecodeStep& p, int l, int pos) {
-    const AttentionItems it = attention_items<W, HD, G>(p, pos + 1);
+    const AttentionItems it = attention_items<HD, G, WARPS>(p, pos + 1);
     if ((int)blockIdx.x >= it.n_active * it.per_chunk) return;
     const int chunk = blockIdx.x / it.per_chunk, kv_head = blockIdx.x % it.per_chunk / it.n_sub;
     const int start = chunk * it.chunk_rows, end = min(min(start + it.chunk_rows, pos), start + PREFETCH_ROWS);
@@ -464,11 +464,11 @@ __device__ void prefetch_item_rows(const DecodeStep& p, int l, int pos) {
 // and subgroup merges its heads' partials, as attention_merge_kernel, and publishes them as att. At
 // most one item runs per block, so every partial that a merge waits for is being computed by another
 // block at the same time. The item's rows of the next layer are then prefetched into L2.
-template <typename W, typename KV, int HD, int G>
-__device__ void attention_phase(const DecodeStep& p, const Published& pub, int l, int pos, AttentionShared<W, HD, G>& sh,
+template <typename KV, int HD, int G, int WARPS>
+__device__ void attention_phase(const DecodeStep& p, const Published& pub, int l, int pos, AttentionShared<HD, G, WARPS>& sh,
                                 const float* inv_freq) {
     const int len = pos + 1;
-    const AttentionItems it = attention_items<W, HD, G>(p, len);
+    const AttentionItems it = attention_items<HD, G, WARPS>(p, len);
     const int n_sub = it.n_sub, per_chunk = it.per_chunk, n_chunks = it.n_chunks, n_active = it.n_active;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const size_t layer_rows = (size_t)l * p.seq_len * p.n_kv_heads * HD;
@@ -486,7 +486,7 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
         const ServedHeads heads = served_heads<G>(kv_head, item % n_sub, p.n_heads, p.n_kv_heads);
         // the served queries: q_norm, RoPE, times the softmax scale (a warp per head)
         constexpr int PER_LANE = (HD + 31) / 32;
-        for (int g = warp; g < heads.count; g += DECODE_WARPS<W, G>) {
+        for (int g = warp; g < heads.count; g += WARPS) {
             float* qg = sh.attend.q[g];
             const uint64_t* qh = q + (size_t)(heads.h0 + g) * HD + lane;
             uint64_t words[PER_LANE];
@@ -502,7 +502,7 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
             for (int i = lane; i < HD; i += 32) qg[i] *= scale;
         }
         // the chunk holding row pos: k_norm and RoPE of the new key; k / k_scale and v stored there
-        if (chunk == n_active - 1 && warp == DECODE_WARPS<W, G> - 1) {
+        if (chunk == n_active - 1 && warp == WARPS - 1) {
             const size_t row = ((size_t)pos * p.n_kv_heads + kv_head) * HD;
             const uint64_t *kh = k + (size_t)kv_head * HD + lane, *vh = v + (size_t)kv_head * HD + lane;
             uint64_t k_words[PER_LANE], v_words[PER_LANE];
@@ -522,7 +522,7 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
             norm_rope_head<KV>(sh.k_row, k_norm, HD, pos, p.theta, p.eps, k_cache + row, k_scale, inv_freq);
         }
         __syncthreads();  // the queries and the block's own cache row are written
-        attend_chunk<KV, HD, G, DECODE_WARPS<W, G>>(sh.attend, [&](int h, int d, float m, float l_sum, float acc) {
+        attend_chunk<KV, HD, G, WARPS>(sh.attend, [&](int h, int d, float m, float l_sum, float acc) {
             uint64_t* partial = pub.partials + partial_at(h, chunk, n_chunks, HD);
             if (d == 0) { publish(partial, m, partials_flag); publish(partial + 1, l_sum, partials_flag); }
             publish(partial + 2 + d, acc, partials_flag);
@@ -533,7 +533,7 @@ __device__ void attention_phase(const DecodeStep& p, const Published& pub, int l
                         [&](int h, int d, float value) { publish(pub.att + (size_t)h * HD + d, value, att_flag); },
                         heads.h0, heads.count, len, n_chunks, HD);
     }
-    if (l + 1 < p.n_layers) prefetch_item_rows<W, KV, HD, G>(p, l + 1, pos);
+    if (l + 1 < p.n_layers) prefetch_item_rows<KV, HD, G, WARPS>(p, l + 1, pos);
 }
 
 // ---- the step -----------------------------------------------------------------------------------
@@ -569,7 +569,7 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     float* x_own = v + work_floats;  // (own.end - own.begin) the block's rows of the residual stream
     Published pub;
     published_words(p, &pub);
-    AttentionShared<W, HD, G>& att_sh = *reinterpret_cast<AttentionShared<W, HD, G>*>(v);
+    AttentionShared<HD, G, WARPS>& att_sh = *reinterpret_cast<AttentionShared<HD, G, WARPS>*>(v);
     if (threadIdx.x % 32 == 0) {
         plans[warp] = stream_plan<W>(p, stage_bytes);
         for (int i = 0; i < STAGES; i++) mbar_init(&s.full[i], 1);
@@ -579,7 +579,7 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
     __syncthreads();
     s.more = next_piece<W>(p, *s.plan, s.consume_at, s.next);
     for (int i = 0; i < STAGES; i++) issue_next<W>(p, s);  // the weights stream in from here on
-    prefetch_item_rows<W, KV, HD, G>(p, 0, pos);  // layer 0's attention rows (later layers': phase 2)
+    prefetch_item_rows<KV, HD, G, WARPS>(p, 0, pos);  // layer 0's attention rows (later layers': phase 2)
 
     // 0. x = embedding[token]: every block keeps rms_att[0] * x (layer 0's rmsnorm needs all of it) and
     // its own rows of x
@@ -618,7 +618,7 @@ decode_step_kernel(const DecodeStep p, int host_token, int host_pos, int* result
         });
         // 2. att = attention(rope(qk_norm(q)), K, V), with rope(k_norm(k)) / k_scale and v stored at row pos
         __syncthreads();  // the work area becomes the attention's
-        attention_phase<W, KV, HD, G>(p, pub, l, pos, att_sh, inv_freq);
+        attention_phase<KV, HD, G, WARPS>(p, pub, l, pos, att_sh, inv_freq);
         // 3. x += wo . att
         load_published(v, pub.att, q_dim, flag_of(p, l, PUB_ATT));
         stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_O, v, add_to_x(l, PUB_X_MID));
@@ -679,7 +679,7 @@ static DecodeLaunch decode_launch(const DecodeStep* p) {
     cudaFuncAttributes attributes;
     CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
     const size_t work = (std::max((size_t)std::max({p->dim, q_dim, p->hidden_dim}) * sizeof(float),
-                                  sizeof(AttentionShared<W, HD, G>)) + 15) / 16 * 16;
+                                  sizeof(AttentionShared<HD, G, DECODE_WARPS<W, G>>)) + 15) / 16 * 16;
     DecodeLaunch c;
     c.blocks = std::min(sms, MAX_DECODE_BLOCKS);
     const size_t rest = work + (size_t)(p->dim + c.blocks - 1) / c.blocks * 4;  // + the own rows of x

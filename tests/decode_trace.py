@@ -17,7 +17,7 @@ __device__ __forceinline__ unsigned long long gtimer() { unsigned long long t; a
 '''
 marks = [
   ("if (l > 0) inv_rms = load_published_normed(v, pub.x, p.rms_att + (size_t)l * D, D, flag_of(p, l - 1, PUB_X_OUT), p.eps);", 0, "after"),
-  ("        attention_phase<W, KV, HD, G>(p, pub, l, pos, att_sh, inv_freq);", 3, "after"),
+  ("        attention_phase<KV, HD, G, WARPS>(p, pub, l, pos, att_sh, inv_freq);", 3, "after"),
   ("        load_published(v, pub.att, q_dim, flag_of(p, l, PUB_ATT));", 4, "after"),
   ("        stream_matrix<W, false>(p, s, l * MATS_PER_LAYER + MAT_O, v, add_to_x(l, PUB_X_MID));", 5, "after"),
   ("        inv_rms = load_published_normed(v, pub.x, p.rms_ffn + (size_t)l * D, D, flag_of(p, l, PUB_X_MID), p.eps);", 6, "after"),

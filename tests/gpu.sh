@@ -9,9 +9,9 @@
 # (AB_TRACE=A,B,...: builds of tests/decode_trace.py's copy of decode.cu, their traces too; AB_INT8=1:
 # the 0.6B shape's int8 weights too; AB_CASES=0.6B/bf16,8B/int8,...: those cases instead). Text and
 # tokenizer come from data/ (tinyshakespeare and Qwen3's tokenizer files, xz), decompressed into the
-# work folder. Logs go to $OUT (or /tmp/gpu-out); the
-# tables are printed last, then one line per step. Under a time limit,
-# `timeout -s INT SECONDS bash tests/gpu.sh ...` still prints them for the steps that ran.
+# work folder. Logs go to $OUT (or /tmp/gpu-out); the tables are printed last, then one line per
+# step. Under a time limit, `timeout -s INT SECONDS bash tests/gpu.sh ...` still prints them for the
+# steps that ran.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 WORK=/tmp/gpu-work
