@@ -9,10 +9,10 @@
 // Weights: each block owns a fixed share of the rows of every matrix (block_span), split again over
 //   its warps (warp_span). Every warp streams its shares, in the order the step uses them (per layer
 //   wqkv, wo, w_gate_up, w_down; then the LM head), through its own few shared-memory stages: its
-//   lane 0 issues a bulk copy (cp.async.bulk, completing on the stage's mbarrier) for the next piece
-//   as soon as the warp is done with a stage. No warp waits for another to stream, and weights do not
-//   depend on the activations, so the copies run ahead of the math across the phase boundaries while
-//   the block waits for the others: the memory does not idle.
+//   lanes issue the bulk copies (cp.async.bulk, one run of memory a lane, completing on the stage's
+//   mbarrier) of the next piece as soon as the warp is done with a stage. No warp waits for another
+//   to stream, and weights do not depend on the activations, so the copies run ahead of the math
+//   across the phase boundaries while the block waits for the others: the memory does not idle.
 // Activations: a value that other blocks read (qkv, the attention partials and output, x, h) is
 //   published: stored with the flag of its (step, layer, phase) in one 8-byte word, which the
 //   readers poll until it carries the flag they wait for (below). A phase that needs a whole vector
@@ -46,9 +46,6 @@ template <typename W, int G> constexpr bool WIDE_BLOCK = G <= 2 || (is_int8<W> &
 template <typename W, int G> constexpr int DECODE_WARPS = WIDE_BLOCK<W, G> ? 12 : 8;
 template <typename W, int G> constexpr int WARP_STAGES = WIDE_BLOCK<W, G> ? 2 : 3;  // stages of a warp's weight stream
 template <typename W, int G> constexpr int DECODE_THREADS = DECODE_WARPS<W, G> * 32;
-// The thread that counts the blocks done (the argmax): not a lane 0, which issue the weight copies,
-// as a fence may wait for the thread's memory operations in flight.
-constexpr int SIGNAL_THREAD = 1;
 constexpr int GROUP_ROWS = 4;                // rows whose dot products a warp computes at once (x read once)
 constexpr int MAX_DECODE_BLOCKS = 1024;
 
@@ -115,7 +112,7 @@ struct PublishedPartials {
 __device__ __forceinline__ bool arrive_last(unsigned* counter, unsigned total) {
     __shared__ bool last;
     __syncthreads();
-    if (threadIdx.x == SIGNAL_THREAD) {
+    if (threadIdx.x == 0) {
         __threadfence();
         last = atomicAdd(counter, 1u) == total - 1;
         __threadfence();
@@ -281,8 +278,8 @@ __device__ __forceinline__ void piece_runs(const DecodeStep& p, const Piece& pie
 }
 
 // A warp's weight stream: STAGES stages of shared memory, each with an mbarrier that completes a
-// phase when the stage's bytes land. Piece k goes to stage k % STAGES; lane 0 issues it as soon as
-// the warp is done with piece k - STAGES.
+// phase when the stage's bytes land. Piece k goes to stage k % STAGES; the warp's lanes issue it as
+// soon as the warp is done with piece k - STAGES.
 template <int STAGES>
 struct WarpStream {
     char* stages;     // STAGES x stage_bytes
@@ -302,17 +299,20 @@ template <typename W, int STAGES>
 __device__ void issue_next(const DecodeStep& p, WarpStream<STAGES>& s) {
     Piece piece;
     if (!next_piece<W>(p, *s.plan, s.issue_at, piece)) return;
-    const int slot = s.issued++ % STAGES;
-    if (threadIdx.x % 32 == 0) {
-        const uint32_t bar = smem_addr(&s.full[slot]);  // bulk_copy takes its shared address
-        char* dst = s.stages + (size_t)slot * s.stage_bytes;
-        uint32_t bytes = 0;
-        piece_runs<W>(p, piece, [&](const void*, uint32_t run_bytes, uint32_t) { bytes += run_bytes; });
-        mbar_arrive_expect_tx(&s.full[slot], bytes);
-        piece_runs<W>(p, piece, [&](const void* src, uint32_t run_bytes, uint32_t offset) {
-            bulk_copy(dst + offset, src, run_bytes, bar, s.policy);
-        });
-    }
+    const int slot = s.issued++ % STAGES, lane = threadIdx.x % 32;
+    // lane k issues the piece's run k (at most 2 x GROUP_ROWS runs), so that its copies go out at once
+    // rather than one after the other from lane 0
+    const void* src = nullptr;
+    uint32_t run_bytes = 0, offset = 0, total = 0;
+    int k = 0;
+    piece_runs<W>(p, piece, [&](const void* from, uint32_t bytes, uint32_t at) {
+        if (k++ == lane) { src = from; run_bytes = bytes; offset = at; }
+        total += bytes;
+    });
+    if (lane == 0) mbar_arrive_expect_tx(&s.full[slot], total);
+    __syncwarp();  // the bytes expected before any lands
+    if (run_bytes)
+        bulk_copy(s.stages + (size_t)slot * s.stage_bytes + offset, src, run_bytes, smem_addr(&s.full[slot]), s.policy);
 }
 
 // The warp's pieces of matrix `matrix` (its share of the block's units), in the order issue_next()

@@ -29,9 +29,9 @@ for part in parts:
     if part == "waits":
         replace("    while ((uint32_t)(word >> 32) != flag) word = load_word(slot);\n", "")
     elif part == "weights":
-        replace("        mbar_arrive_expect_tx(&s.full[slot], bytes);\n        piece_runs<W>(p, piece, [&](const void* src, uint32_t run_bytes, uint32_t offset) {\n"
-                "            bulk_copy(dst + offset, src, run_bytes, bar, s.policy);\n        });",
-                "        (void)bar; (void)dst; (void)bytes;\n        mbar_arrive_expect_tx(&s.full[slot], 0);")
+        replace("    if (lane == 0) mbar_arrive_expect_tx(&s.full[slot], total);\n", "    if (lane == 0) mbar_arrive_expect_tx(&s.full[slot], 0);\n")
+        replace("    if (run_bytes)\n        bulk_copy(s.stages + (size_t)slot * s.stage_bytes + offset, src, run_bytes, smem_addr(&s.full[slot]), s.policy);\n",
+                "    (void)src; (void)run_bytes; (void)offset;\n")
         replace("    s.stage_bytes = stage_bytes;\n",
                 "    s.stage_bytes = stage_bytes;\n"
                 "    for (int i = threadIdx.x % 32; i < STAGES * stage_bytes / 16; i += 32) reinterpret_cast<float4*>(s.stages)[i] = {};\n")
