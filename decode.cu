@@ -47,6 +47,7 @@ template <typename W, int G> constexpr int DECODE_WARPS = WIDE_BLOCK<W, G> ? 12 
 template <typename W, int G> constexpr int WARP_STAGES = WIDE_BLOCK<W, G> ? 2 : 3;  // stages of a warp's weight stream
 template <typename W, int G> constexpr int DECODE_THREADS = DECODE_WARPS<W, G> * 32;
 constexpr int GROUP_ROWS = 4;                // rows whose dot products a warp computes at once (x read once)
+static_assert(2 * GROUP_ROWS <= 32, "issue_next: a piece's runs of memory (<= 2 x GROUP_ROWS), one a lane");
 constexpr int MAX_DECODE_BLOCKS = 1024;
 
 // the blocks' maxima of the logits, for the last block's argmax (module state: one stream at a time;
