@@ -11,6 +11,9 @@ Parts (comma-separated):
   weights  no weight copies (each stage's barrier completes at once, the stages hold zeros): the
            step is its critical path of waits and dot products without the memory's traffic
   dots     no dot products (their sums are 0): the weight stream and the waits without the math
+  l2       every weight copy reads the same 2 MB (the start of the embedding table, at the source's
+           offset modulo 2 MB): the same copies and dot products, served from L2 instead of DRAM,
+           so the step without the memory's own time and queues
 The output is meaningless (the logits are kept finite so that greedy decoding goes on: a NaN would
 stop the steps); only the speed is. Parts are found by decode.cu's text; a part whose text moved
 fails an assertion."""
@@ -38,8 +41,12 @@ for part in parts:
     elif part == "dots":
         replace("        warp_dot_rows<W, GROUP_ROWS, VIA_PLAIN>(sums, rows, v + piece.col, piece.len, true, piece.n * ROWS, scales);\n",
                 "        (void)rows; (void)scales;\n        for (int r = 0; r < GROUP_ROWS; r++) sums[r] = 0.f;\n")
+    elif part == "l2":
+        replace("    if (run_bytes)\n        bulk_copy(s.stages + (size_t)slot * s.stage_bytes + offset, src, run_bytes, smem_addr(&s.full[slot]), s.policy);\n",
+                "    if (run_bytes)\n        bulk_copy(s.stages + (size_t)slot * s.stage_bytes + offset, (const char*)p.embedding + (uintptr_t)src % (2u << 20),\n"
+                "                  run_bytes, smem_addr(&s.full[slot]), s.policy);\n")
     else:
-        sys.exit(f"unknown part {part}: waits, weights or dots")
+        sys.exit(f"unknown part {part}: waits, weights, dots or l2")
 # whatever the inputs, the logits finite and the argmax a token (a NaN would end the steps)
 replace("        dot *= inv_rms;\n        p.logits[row] = dot;", "        dot *= inv_rms;\n        if (!isfinite(dot)) dot = 0.f;\n        p.logits[row] = dot;")
 print(text)

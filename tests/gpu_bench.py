@@ -270,7 +270,7 @@ def main():
                                      f"floor {floor:.0f}", f"{tps / floor:.0%}"))
                         print(" | ".join(rows[-1]), flush=True)  # as it comes, should a time limit stop the run
                 for b in traced:
-                    out, _ = run([b, checkpoint, "-i", prompt_of(128), "-t", "0", "-n", "160", "-c", "8192"])
+                    out, _ = run([b, checkpoint, "-i", prompt_of(128), "-t", "0", "-n", "160", "-c", "8192", "-a", "1"])
                     print("\n".join(f"{b} ({shape} {WNAME[wdtype]}): {line}" for line in out.splitlines() if line.startswith("trace")))
         return print_table(gpu)
 
