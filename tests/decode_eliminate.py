@@ -28,13 +28,15 @@ def replace(old, new):
     text = text.replace(old, new)
 
 
+# issue_next's bulk copy of a lane's run of weights
+WEIGHT_COPY = ("    if (run_bytes)\n"
+               "        bulk_copy(s.stages + (size_t)slot * s.stage_bytes + offset, src, run_bytes, smem_addr(&s.full[slot]), s.policy);\n")
 for part in parts:
     if part == "waits":
         replace("    while ((uint32_t)(word >> 32) != flag) word = load_word(slot);\n", "")
     elif part == "weights":
         replace("    if (lane == 0) mbar_arrive_expect_tx(&s.full[slot], total);\n", "    if (lane == 0) mbar_arrive_expect_tx(&s.full[slot], 0);\n")
-        replace("    if (run_bytes)\n        bulk_copy(s.stages + (size_t)slot * s.stage_bytes + offset, src, run_bytes, smem_addr(&s.full[slot]), s.policy);\n",
-                "    (void)src; (void)run_bytes; (void)offset;\n")
+        replace(WEIGHT_COPY, "    (void)src; (void)run_bytes; (void)offset;\n")
         replace("    s.stage_bytes = stage_bytes;\n",
                 "    s.stage_bytes = stage_bytes;\n"
                 "    for (int i = threadIdx.x % 32; i < STAGES * stage_bytes / 16; i += 32) reinterpret_cast<float4*>(s.stages)[i] = {};\n")
@@ -42,9 +44,7 @@ for part in parts:
         replace("        warp_dot_rows<W, GROUP_ROWS, VIA_PLAIN>(sums, rows, v + piece.col, piece.len, true, piece.n * ROWS, scales);\n",
                 "        (void)rows; (void)scales;\n        for (int r = 0; r < GROUP_ROWS; r++) sums[r] = 0.f;\n")
     elif part == "l2":
-        replace("    if (run_bytes)\n        bulk_copy(s.stages + (size_t)slot * s.stage_bytes + offset, src, run_bytes, smem_addr(&s.full[slot]), s.policy);\n",
-                "    if (run_bytes)\n        bulk_copy(s.stages + (size_t)slot * s.stage_bytes + offset, (const char*)p.embedding + (uintptr_t)src % (2u << 20),\n"
-                "                  run_bytes, smem_addr(&s.full[slot]), s.policy);\n")
+        replace(WEIGHT_COPY, WEIGHT_COPY.replace(", src, ", ", (const char*)p.embedding + (uintptr_t)src % (2u << 20), "))
     else:
         sys.exit(f"unknown part {part}: waits, weights, dots or l2")
 # whatever the inputs, the logits finite and the argmax a token (a NaN would end the steps)
